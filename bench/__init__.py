@@ -1,0 +1,1 @@
+"""Benchmarks run by `ragdec bench`; results are committed under bench/results/."""

@@ -1,0 +1,1 @@
+"""Apps: command line, server, LangChain classes."""

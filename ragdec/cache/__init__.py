@@ -1,0 +1,1 @@
+"""SQLite QA cache: exact, semantic and near hits."""

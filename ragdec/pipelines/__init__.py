@@ -1,0 +1,1 @@
+"""Pipelines: Request/Chunk types, the Pipeline protocol, RAG, chat, PiD, router."""

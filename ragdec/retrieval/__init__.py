@@ -1,0 +1,1 @@
+"""Retrieval: E5 embedder, FAISS index, SQLite document store, ingestion."""
