@@ -1,0 +1,111 @@
+"""A causal LM and its tokenizer, ready to answer: prompts in, streamed text out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .loop import decode
+from .methods import GenerationParams, method_factory
+from .seam import DecodeStats
+from .stopping import StopCondition
+from .text import TextStream
+
+
+def configure_threads() -> int:
+    """Use every core this process may run on (torch's default can be lower)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    return cores
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    text: str  # new text since the previous chunk
+    token_ids: tuple[int, ...]  # new token ids since the previous chunk
+    finish_reason: str | None = None  # "stop" | "length" on the last chunk
+    stats: DecodeStats | None = None  # on the last chunk
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the answer, cut before any stop string
+    token_ids: tuple[int, ...]  # every generated token, EOS or the stop string's tokens included
+    finish_reason: str  # "stop" | "length"
+    stats: DecodeStats
+
+    def as_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.as_dict(),
+        }
+
+
+class Generator:
+    """Answers prompts with one model, by any registered decoding method."""
+
+    def __init__(self, model, tokenizer, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "")
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "Generator":
+        """Load a zoo model, a local folder or a hub id (see ``zoo.resolve``)."""
+        from .zoo import load_causal_lm
+
+        configure_threads()
+        model, tokenizer = load_causal_lm(name_or_path)
+        return cls(model, tokenizer, name=name_or_path)
+
+    def prompt_ids(self, prompt: str | Sequence[dict], chat: bool = True) -> list[int]:
+        """Token ids of a prompt: a string (one user message when ``chat``) or OpenAI-style
+        messages, through the model's chat template when it has one."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if chat and self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
+        return self.tokenizer(text)["input_ids"]
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams = GenerationParams(),
+        references: Sequence[str] = (),
+    ) -> Iterator[TextChunk]:
+        """Decode with ``params.method``, yielding text as tokens are accepted."""
+        drafter, acceptance = method_factory(params.method)(self, prompt_ids, references, params)
+        stop = StopCondition(self.eos_token_ids, tuple(params.stop), params.max_new_tokens)
+        text = TextStream(self.decode_text, params.stop)
+        for block in decode(self.model, prompt_ids, drafter, acceptance, stop, self.decode_text):
+            final = block.finish_reason is not None
+            yield TextChunk(text.push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams = GenerationParams(),
+        references: Sequence[str] = (),
+    ) -> Generation:
+        """Decode to the end; return the whole answer with its stats."""
+        texts: list[str] = []
+        token_ids: list[int] = []
+        for chunk in self.stream(prompt_ids, params, references):
+            texts.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+        return Generation("".join(texts), tuple(token_ids), chunk.finish_reason, chunk.stats)

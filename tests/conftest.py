@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random causal LMs (fast) and one real small model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragdec.decoding.generator import Generator, configure_threads
+
+configure_threads()
+
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
+    "Retrieval augmented generation copies spans from reference passages into answers.",
+    "Question: when was the tower built? Answer: the tower was built in 1889.\n\nDone.",
+    "Numbers 0123456789 and punctuation , . ; : ! ? ( ) and accents: café naïve über.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A real byte-level BPE tokenizer trained in memory on a few sentences (vocab 320)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(TRAINING_TEXT * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0):
+    """A randomly initialised 2-layer model; odd sizes catch shape bugs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = config_class(
+        vocab_size=vocab_size,
+        hidden_size=48,
+        intermediate_size=88,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=arch == "qwen2",
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # random weights give flat logits; a larger scale makes argmax decisions clear-cut so
+    # that float noise between 1-token and k-token forwards cannot flip a tie
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    model.generation_config.eos_token_id = 0
+    model.generation_config.pad_token_id = 1
+    return model
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny_generator(request, tiny_tokenizer) -> Generator:
+    model = tiny_causal_lm(request.param, len(tiny_tokenizer))
+    return Generator(model, tiny_tokenizer, name=f"tiny-{request.param}")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Generator:
+    """smollm2-135m-instruct from the zoo (assembled on first use, then loaded in ~1 s)."""
+    return Generator.load("smollm2-135m-instruct")
