@@ -5,6 +5,7 @@ A new method is a module that registers a factory here; the loop does not change
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -33,7 +34,13 @@ def register_method(name: str):
     return register
 
 
+# modules that register methods; imported on first use to keep imports light
+BUILTIN_METHOD_MODULES = ("ragdec.decoding.llma",)
+
+
 def method_factory(name: str) -> MethodFactory:
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)
     if name not in METHODS:
         raise ValueError(f"unknown decoding method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
