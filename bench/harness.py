@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from . import forced  # noqa: F401  (registers the forced-decoding methods)
 from .machine import machine_info
 from .runners import HF_METHODS, ForwardCounter, Run, run_hf, run_ragdec
 from .workloads import load_workload
+
+FORCED_WORKLOADS = {"rag-forced"}
 
 
 @dataclass
@@ -50,9 +53,33 @@ def _round(value, digits=4):
     return None if value is None else round(value, digits)
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method with its knobs: "llma:copy_k=8:trigger_n=1" -> ("llma", {"copy_k": 8, "trigger_n": 1})."""
+    name, *settings = spec.split(":")
+    options = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            raise ValueError(f"method setting {setting!r} in {spec!r} is not key=value")
+        options[key] = _number_or_text(value)
+    return name, options
+
+
+def _number_or_text(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
 def summarize(runs: dict[str, list[Run]]) -> dict:
-    """Per-method medians; speedups are per-prompt ratios to hf-greedy, then the median."""
-    reference = runs.get("hf-greedy")
+    """Per-method medians; speedups are per-prompt ratios to the reference method
+    (hf-greedy, or the first method where hf-greedy did not run), then the median."""
+    reference_name = "hf-greedy" if "hf-greedy" in runs else next(iter(runs))
+    reference = runs[reference_name]
+    suffix = reference_name.replace("-", "_")
     summary = {}
     for method, method_runs in runs.items():
         rates = [r.decode_tokens_per_s for r in method_runs]
@@ -64,17 +91,17 @@ def summarize(runs: dict[str, list[Run]]) -> dict:
             "e2e_s": _round(_median(r.e2e_s for r in method_runs)),
             "prompts": len(method_runs),
         }
-        if reference:
+        if reference is not None:
             ratios = [
                 (r.decode_tokens_per_s / ref.decode_tokens_per_s)
                 for r, ref in zip(method_runs, reference)
                 if r.decode_tokens_per_s and ref.decode_tokens_per_s
             ]
-            entry["speedup_vs_hf_greedy"] = _round(_median(ratios), 3)
-            entry["aggregate_speedup_vs_hf_greedy"] = _round(
+            entry[f"speedup_vs_{suffix}"] = _round(_median(ratios), 3)
+            entry[f"aggregate_speedup_vs_{suffix}"] = _round(
                 sum(ref.decode_s for ref in reference) / max(1e-9, sum(r.decode_s for r in method_runs)), 3
             )
-            entry["identical_to_hf_greedy"] = _round(
+            entry[f"identical_to_{suffix}"] = _round(
                 sum(r.token_ids == ref.token_ids for r, ref in zip(method_runs, reference)) / len(method_runs), 4
             )
         summary[method] = entry
@@ -97,18 +124,24 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         raise ValueError(f"workload {config.workload!r} has no prompts")
     generator = Generator.load(config.model)
     assistant = None
-    if "hf-assisted" in config.methods:
+    if any(parse_method(m)[0] == "hf-assisted" for m in config.methods):
         assistant = Generator.load(config.assistant or default_assistant(config.model))
     counter = ForwardCounter(generator.model)
     prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
 
-    def run_one(method: str, i: int, max_new_tokens: int) -> Run:
+    def run_one(spec: str, i: int, max_new_tokens: int) -> Run:
+        method, options = parse_method(spec)
         if method in HF_METHODS:
-            return run_hf(
-                method, generator, prompt_ids[i], max_new_tokens, counter, assistant,
-                config.prompt_lookup_num_tokens, config.max_matching_ngram_size,
+            lookup = dict(
+                prompt_lookup_num_tokens=config.prompt_lookup_num_tokens,
+                max_matching_ngram_size=config.max_matching_ngram_size,
             )
-        return run_ragdec(method, generator, prompt_ids[i], prompts[i].references, max_new_tokens, config.options)
+            lookup.update(options)
+            return run_hf(method, generator, prompt_ids[i], max_new_tokens, counter, assistant, **lookup)
+        options = {**config.options, **options}
+        if config.workload in FORCED_WORKLOADS:
+            options["forced_answer"] = prompts[i].forced_answer
+        return run_ragdec(method, generator, prompt_ids[i], prompts[i].references, max_new_tokens, options)
 
     methods = list(config.methods)
     for i in range(min(config.warmup, len(prompts))):
@@ -140,7 +173,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
 
 
 def format_table(result: dict) -> str:
-    columns = ["tokens_per_s", "speedup_vs_hf_greedy", "identical_to_hf_greedy", "mean_tokens_per_forward", "mean_new_tokens", "ttft_s", "e2e_s"]
+    first = next(iter(result["methods"].values()))
+    ratio_columns = [c for c in first if c.startswith(("speedup_vs_", "identical_to_"))]
+    columns = ["tokens_per_s", *ratio_columns, "mean_tokens_per_forward", "mean_new_tokens", "ttft_s", "e2e_s"]
     header = ["method"] + columns
     rows = [[name] + ["-" if v.get(c) is None else str(v.get(c)) for c in columns] for name, v in result["methods"].items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]

@@ -71,7 +71,7 @@ def run_hf(
     max_new_tokens: int,
     counter: ForwardCounter,
     assistant=None,
-    prompt_lookup_num_tokens: int = 10,
+    prompt_lookup_num_tokens: int = 10,  # transformers' defaults
     max_matching_ngram_size: int = 2,
 ) -> Run:
     """model.generate(do_sample=False) as a user would call it, with or without a drafter."""

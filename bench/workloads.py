@@ -57,7 +57,83 @@ def rag(data: Path) -> list[BenchPrompt]:
     ]
 
 
-WORKLOADS: dict[str, Callable[[Path], list[BenchPrompt]]] = {"rag": rag}
+def cag(data: Path) -> list[BenchPrompt]:
+    """Cache-assisted generation: the prompt holds only the query; the reference is the
+    stored answer of a similar earlier question (the davinci answer stands in for it)."""
+    return [
+        BenchPrompt(
+            ({"role": "user", "content": f"Answer the query with a complete answer in full sentences.\nquery: {r['query']}\nanswer:"},),
+            (r["davinci_answer"],),
+        )
+        for r in read_jsonl(data / "rag" / "llma_msmarco.jsonl")
+    ]
+
+
+def summarize(data: Path) -> list[BenchPrompt]:
+    """CNN/DailyMail articles (the LLMA paper's Alpaca prompt) and XSum documents,
+    interleaved; the document is the reference."""
+    cnndm = [
+        BenchPrompt(({"role": "user", "content": r["prompt"]},), tuple(r["docs"]) if isinstance(r["docs"], list) else (r["docs"],))
+        for r in read_jsonl(data / "summarize" / "llma_cnndm.jsonl")
+    ]
+    xsum = [
+        BenchPrompt(
+            ({"role": "user", "content": f"Summarize the following article in a few sentences.\n\n{r['document']}"},),
+            (r["document"],),
+        )
+        for r in read_jsonl(data / "summarize" / "xsum.jsonl")
+    ]
+    return _interleave(cnndm, xsum)
+
+
+def specbench(data: Path) -> list[BenchPrompt]:
+    """Spec-Bench's RAG (NQ question + passages) and summarization categories, first turn;
+    the turn's text (passages, article) is the reference."""
+    rows = read_jsonl(data / "specbench" / "question.jsonl")
+    by_category = {
+        category: [BenchPrompt(({"role": "user", "content": r["turns"][0]},), (r["turns"][0],)) for r in rows if r["category"] == category]
+        for category in ("rag", "summarization")
+    }
+    return _interleave(by_category["rag"], by_category["summarization"])
+
+
+CHAT_TURN = 3  # answer the 3rd question of each story, after two earlier turns
+
+
+def chat(data: Path) -> list[BenchPrompt]:
+    """CoQA: each prompt holds the story and the previous turns of the conversation; the
+    story and the earlier answers are the references."""
+    prompts = []
+    for r in read_jsonl(data / "dialogue" / "coqa.jsonl"):
+        turns = r["turns"][:CHAT_TURN]
+        if len(turns) < CHAT_TURN:
+            continue
+        messages = [{"role": "system", "content": f"Answer questions about this story.\n\n{r['story']}"}]
+        for turn in turns[:-1]:
+            messages += [{"role": "user", "content": turn["question"]}, {"role": "assistant", "content": turn["answer"]}]
+        messages.append({"role": "user", "content": turns[-1]["question"]})
+        prompts.append(BenchPrompt(tuple(messages), (r["story"], *(t["answer"] for t in turns[:-1]))))
+    return prompts
+
+
+def _interleave(*lists: list[BenchPrompt]) -> list[BenchPrompt]:
+    """a1, b1, a2, b2, ...: so that --limit takes from every source."""
+    out = []
+    for group in zip(*lists):
+        out.extend(group)
+    for lst in lists:
+        out.extend(lst[min(len(x) for x in lists) :])
+    return out
+
+
+WORKLOADS: dict[str, Callable[[Path], list[BenchPrompt]]] = {
+    "rag": rag,
+    "rag-forced": rag,
+    "cag": cag,
+    "summarize": summarize,
+    "specbench": specbench,
+    "chat": chat,
+}
 
 
 def load_workload(name: str, data: str | None = None, limit: int | None = None) -> list[BenchPrompt]:

@@ -16,7 +16,7 @@ from .stopping import StopCondition
 
 
 def prefill(model, prompt_ids: Sequence[int], cache):
-    """Run the prompt through the model; return the logits of its last position.
+    """Run the prompt through the model; return the logits of its last position, [1, vocab].
 
     Only the last position's logits are computed (``logits_to_keep=1``): for a prompt of
     1,000 tokens the full [1000, vocab] matrix would cost more than the answer's first steps.
@@ -25,7 +25,7 @@ def prefill(model, prompt_ids: Sequence[int], cache):
 
     input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long)  # [1, P]
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1]  # [vocab]
+    return out.logits[0, -1:]  # [1, vocab]
 
 
 def verify(model, last_token: int, draft: Sequence[int], cache):
@@ -76,9 +76,10 @@ def decode(
     forward_passes = drafted_total = accepted_total = 0
     start = time.perf_counter()
     with torch.inference_mode():
-        # 1. prefill: the prompt fills the cache; its last logits give the first token
+        # 1. prefill: the prompt fills the cache; the acceptance rule picks the first
+        #    token from its last logits, as from a verify over an empty draft
         cache = new_cache(model)
-        first = int(prefill(model, tokens, cache).argmax())
+        first = acceptance.accept([], prefill(model, tokens, cache))[0]
         forward_passes += 1
         prefill_seconds = time.perf_counter() - start
         tokens.append(first)
