@@ -222,7 +222,8 @@ def _stream_source(spec: ModelSpec, paths: list[Path], joined: Path | None, prog
     cause = (
         f"these files differ from what pip installed: {'; '.join(damaged)}"
         if damaged
-        else "the installed files match pip's record, so the packages are not the versions the zoo expects"
+        else "the files are as pip installed them, so the zoo's entry and the packages disagree "
+        "(if a reinstall does not help, the entry in ragdec/decoding/zoo.py needs fixing)"
     )
     raise ZooError(
         f"model {spec.name!r}: {what} ({found}) is not the expected source "
@@ -364,12 +365,12 @@ def load_causal_lm(name_or_path: str, dtype=None):
     Args:
         dtype: torch dtype of the weights; float32 (what the zoo saves) when None.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name_or_path in MODELS and MODELS[name_or_path].kind != "causal-lm":
         raise ZooError(f"{name_or_path} is an embedder; load it with sentence_transformers.SentenceTransformer")
     path = resolve(name_or_path)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
