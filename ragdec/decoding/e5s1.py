@@ -220,8 +220,13 @@ def build_tokenizer(vocab: UnigramVocab, max_length: int = 512):
     Pipeline: e5.c's per-codepoint normalization map (as a precompiled charsmap), runs of
     spaces collapsed to one, a leading ``▁`` unless the text starts with a space, spaces to
     ``▁``, Viterbi over the pieces' log-probabilities (an unknown character scores the
-    lowest piece minus 10), then ``<s> ... </s>``. Example: "query: Hi  there" -> "▁query",
-    ":", "▁Hi", "▁there" between <s> and </s>.
+    lowest piece minus 10), then ``<s> ... </s>``. Example: "query: Hi  there" -> <s> "▁que"
+    "ry" ":" "▁Hi" "▁there" </s>, ids 0 41 1294 12 2673 2685 2.
+
+    Two differences remain, both rare: tokenizers normalizes a whole grapheme cluster through
+    its first character when that one is in the map ("Ａ" + U+0301 gives "A", e5.c "A" +
+    U+0301), and equally scored segmentations may break the other way ("▁contin" "gen" for
+    e5.c's "▁cont" "ingen": float rounding decides).
 
     Returns a ``transformers.PreTrainedTokenizerFast`` that loads its tokenizer.json as is
     (XLMRobertaTokenizer in transformers 5 would rebuild the pipeline and drop the collapse).

@@ -231,7 +231,7 @@ def _stream_source(spec: ModelSpec, paths: list[Path], joined: Path | None, prog
     )
 
 
-def _gguf_to_folder(gguf: Path, out_dir: Path) -> None:
+def _gguf_to_folder(gguf: Path, out_dir: Path, progress: bool) -> None:
     """Dequantize a GGUF checkpoint into float32 safetensors + tokenizer + generation config."""
     import importlib.util
 
@@ -239,9 +239,17 @@ def _gguf_to_folder(gguf: Path, out_dir: Path) -> None:
         raise ZooError("transformers loads GGUF files only with accelerate installed: pip install accelerate==1.15.0")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     # the weights are plain floats now; save_pretrained refuses a model that still says "GGUF"
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -267,7 +275,8 @@ def prepare(name: str, progress: bool = True) -> Path:
 
     Returns at once when it is already prepared. Otherwise: check the source (SHA-256, size),
     convert it in ``models/.<name>.<pid>.partial/``, write the manifest, rename into place.
-    Takes about 20 s for smollm2, a minute for Qwen 0.5B, on 2 cores.
+    On 2 cores: about 20 s for smollm2, 40 s for Qwen 0.5B, 2 min (and 6 GB of memory) for
+    Qwen 1.5B; the embedders take seconds.
 
     Raises:
         ZooError: unknown name, packages missing (with the pip command), damaged source.
@@ -293,7 +302,7 @@ def prepare(name: str, progress: bool = True) -> Path:
                 gguf.symlink_to(paths[0])
             else:
                 _stream_source(spec, paths, gguf, progress)
-            _gguf_to_folder(gguf, out_dir)
+            _gguf_to_folder(gguf, out_dir, progress)
             shutil.rmtree(gguf.parent)
         elif spec.source_format == "e5s1":
             from .e5s1 import write_sentence_transformers_folder
