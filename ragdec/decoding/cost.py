@@ -56,8 +56,13 @@ def _interpolate(points: dict[int, float], upto: int) -> tuple[float, ...]:
     return tuple(out)
 
 
-def measure_forward_cost(model, context_len: int = 512, repeats: int = 3) -> ForwardCost:
-    """Time forwards of 1 + k tokens on a cache of ``context_len`` positions."""
+def measure_forward_cost(model, context_len: int = 512, repeats: int = 5) -> ForwardCost:
+    """Time forwards of 1 + k tokens on a cache of ``context_len`` positions.
+
+    Each length keeps its fastest run: other work on the machine only ever adds time, so
+    the minimum is the estimate least disturbed by it. Costs are then made
+    non-decreasing in k, as a longer forward never costs less.
+    """
     import torch
 
     from .kv import crop_to, new_cache
@@ -79,8 +84,9 @@ def measure_forward_cost(model, context_len: int = 512, repeats: int = 3) -> For
                 model(input_ids=block, past_key_values=cache, use_cache=True, logits_to_keep=k + 1)
                 timings.append(time.perf_counter() - start)
                 crop_to(cache, context_len)
-            points[k] = sorted(timings)[len(timings) // 2]
-    return ForwardCost(_interpolate(points, MEASURED_DRAFTS[-1]))
+            points[k] = min(timings)
+    seconds = _interpolate(points, MEASURED_DRAFTS[-1])
+    return ForwardCost(tuple(max(seconds[: k + 1]) for k in range(len(seconds))))
 
 
 _MEMO: dict[str, ForwardCost] = {}
