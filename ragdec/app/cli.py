@@ -38,6 +38,21 @@ def cmd_models_prepare(args) -> int:
     return 0
 
 
+def _method_options(args) -> dict:
+    """Knobs given on the command line, by the papers' names."""
+    options = {}
+    if args.trigger_n is not None:
+        options["trigger_n"] = args.trigger_n
+    if args.copy_k not in (None, "auto"):
+        options["copy_k"] = int(args.copy_k)
+    return options
+
+
+def _add_method_knobs(parser) -> None:
+    parser.add_argument("--trigger-n", type=int, help="llma: shortest match that triggers a copy (default 2)")
+    parser.add_argument("--copy-k", help="llma: draft length, or 'auto' to choose it per step from the cost model (default)")
+
+
 def cmd_generate(args) -> int:
     from ragdec.decoding.generator import Generator
     from ragdec.decoding.methods import GenerationParams
@@ -45,7 +60,9 @@ def cmd_generate(args) -> int:
     references = [Path(f).read_text(encoding="utf-8") for f in args.reference_file]
     generator = Generator.load(args.model)
     prompt_ids = generator.prompt_ids(args.prompt, chat=not args.raw)
-    params = GenerationParams(max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), method=args.method)
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), method=args.method, options=_method_options(args)
+    )
     texts: list[str] = []
     token_ids: list[int] = []
     for chunk in generator.stream(prompt_ids, params, references):
@@ -57,7 +74,8 @@ def cmd_generate(args) -> int:
     print(
         f"[{args.method}] {stats.new_tokens} tokens, prefill {stats.prefill_seconds:.2f} s "
         f"({stats.prompt_tokens} prompt tokens), decode {stats.decode_tokens_per_s:.1f} tokens/s, "
-        f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.forward_passes} forwards",
+        f"{stats.tokens_per_forward:.2f} tokens/forward, {stats.forward_passes} forwards, "
+        f"{stats.copied_share:.0%} copied",
         file=sys.stderr,
     )
     if args.json:
@@ -79,6 +97,7 @@ def cmd_bench(args) -> int:
         warmup=args.warmup,
         prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
         max_matching_ngram_size=args.max_matching_ngram_size,
+        options=_method_options(args),
     )
     result = run_bench(config)
     print(format_table(result))
@@ -105,13 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--reference-file", action="append", default=[], metavar="F", help="text a method may copy from (repeatable)")
     gen.add_argument("--raw", action="store_true", help="no chat template: the prompt is the model's input as is")
+    _add_method_knobs(gen)
     gen.add_argument("--json", metavar="PATH", help="write text, token ids and stats as JSON")
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmark methods against Hugging Face baselines on one workload")
     bench.add_argument("workload", help="workload name, e.g. rag")
     bench.add_argument("--model", default=DEFAULT_MODEL)
-    bench.add_argument("--methods", default="hf-greedy,greedy,hf-prompt-lookup", help="comma-separated; hf-greedy is the reference")
+    bench.add_argument(
+        "--methods",
+        default="hf-greedy,greedy,hf-prompt-lookup",
+        help="comma-separated; hf-greedy is the reference; knobs per method as name:key=value, "
+        "e.g. llma:copy_k=8 or hf-prompt-lookup:prompt_lookup_num_tokens=3",
+    )
     bench.add_argument("--limit", type=int, help="first N prompts only")
     bench.add_argument("--max-new-tokens", type=int, default=128)
     bench.add_argument("--data", help="evaluation data folder (default: $RAGDEC_DATA or ../shared/data)")
@@ -119,18 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1, help="prompts run untimed first (default 1)")
     bench.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
     bench.add_argument("--max-matching-ngram-size", type=int, default=2)
+    _add_method_knobs(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
+    from ragdec.decoding.zoo import ZooError  # light: no torch
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, ZooError) as error:
         # user-facing errors (bad names, missing data or packages) say what to do; no traceback
         print(f"ragdec: error: {error}", file=sys.stderr)
         return 2

@@ -73,6 +73,11 @@ class DecodeStats:
         return (self.new_tokens - 1) / decode_forwards if decode_forwards > 0 else 1.0
 
     @property
+    def copied_share(self) -> float:
+        """Share of the answer's tokens that came from accepted drafts."""
+        return self.accepted_tokens / self.new_tokens if self.new_tokens else 0.0
+
+    @property
     def decode_tokens_per_s(self) -> float:
         """Tokens after the first, per decode-phase second."""
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
@@ -88,6 +93,7 @@ class DecodeStats:
             "decode_seconds": round(self.decode_seconds, 4),
             "prompt_tokens": self.prompt_tokens,
             "tokens_per_forward": round(self.tokens_per_forward, 3),
+            "copied_share": round(self.copied_share, 3),
             "drafter_forward_passes": self.drafter_forward_passes,
         }
 
