@@ -1,1 +1,41 @@
-"""Retrieval: E5 embedder, FAISS index, SQLite document store, ingestion."""
+"""Retrieval: E5 embedder, FAISS index, SQLite document store, ingestion.
+
+Nothing heavy is imported here; each name loads its module on first use::
+
+    from ragdec.retrieval import Retriever, build
+    build(["docs/"], "docs.store")                       # ragdec index build docs/ --store docs.store
+    Retriever.open("docs.store").search("how do I ...?", k=5, mode="hybrid")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Embedder": "embedder",
+    "EmbedderInfo": "embedder",
+    "DEFAULT_EMBEDDER": "embedder",
+    "VectorIndex": "index",
+    "IndexSpec": "index",
+    "DocumentStore": "store",
+    "Passage": "store",
+    "reciprocal_rank_fusion": "fusion",
+    "chunk_text": "chunking",
+    "Settings": "persistence",
+    "StoreError": "persistence",
+    "EmbedderMismatch": "persistence",
+    "Retriever": "retriever",
+    "SearchHit": "retriever",
+    "ingest": "ingest",
+    "build": "ingest",
+    "IngestReport": "ingest",
+    "RagdecEmbeddings": "langchain",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ragdec.retrieval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

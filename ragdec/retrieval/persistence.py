@@ -1,0 +1,161 @@
+"""The store folder on disk: generations of (index, documents) published by one manifest.
+
+A folder holds::
+
+    manifest.json            which generation is current, the embedder, index kind, settings
+    index.<N>.faiss          the vectors of generation N
+    documents.<N>.sqlite     the passages of generation N
+    .lock                    held (flock) by the one process writing
+
+A writer builds generation N+1 beside N: it copies the documents into a working file, adds
+and deletes there and in memory, then writes ``index.<N+1>.faiss`` and renames the working
+file to ``documents.<N+1>.sqlite``. Rewriting ``manifest.json`` (a temp file renamed into
+place) is the commit: before it, readers and a crashed writer's successor see generation N
+whole; after it, N+1. Files of other generations are removed after the commit, or by the
+next writer when a crash left them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT = 1  # layout of the folder; bump when a reader of the old layout would misread it
+_GENERATION_FILE = re.compile(r"^(index\.\d+\.faiss|documents\.\d+\.sqlite)$")
+
+
+class StoreError(ValueError):
+    """A store folder that cannot be used as asked; the message says what to do."""
+
+
+class EmbedderMismatch(StoreError):
+    """The store's vectors come from another embedder than the one asked for."""
+
+
+def rebuild_hint(folder: Path) -> str:
+    return f"rebuild it: ragdec index build PATH... --store {folder} --rebuild"
+
+
+@dataclass(frozen=True)
+class Settings:
+    index_kind: str = "auto"  # "auto" (flat, IVF from 50k passages), "flat" or "ivf"
+    nprobe: int | None = None  # IVF cells read per query; None: nlist // 40
+    chunk_tokens: int = 256  # passage length in embedder tokens (clamped to what it reads)
+    overlap_tokens: int = 32  # tokens consecutive passages of a document share
+    embed_titles: bool = True  # embed "title\ntext": a passage that never names its subject still finds it
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: int  # FORMAT when written
+    generation: int  # names the current files; bumped by every save
+    embedder: dict  # EmbedderInfo.as_dict() of the model that made the vectors
+    index: dict  # IndexSpec.as_dict(): kind, nlist, nprobe, trained_on
+    settings: dict  # Settings as a dict: what shaped the passages and vectors
+    passages: int  # rows in documents and vectors in the index
+    updated_at: str  # UTC, ISO 8601
+
+    @property
+    def index_file(self) -> str:
+        return f"index.{self.generation}.faiss"
+
+    @property
+    def documents_file(self) -> str:
+        return f"documents.{self.generation}.sqlite"
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The folder's manifest, or None when the folder holds no store yet.
+
+    Raises:
+        StoreError: the manifest is damaged or from a newer ragdec.
+    """
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        manifest = Manifest(**{name: data[name] for name in Manifest.__dataclass_fields__})
+    except (ValueError, KeyError, TypeError) as error:
+        raise StoreError(f"{path} is damaged ({error}); {rebuild_hint(folder)}") from None
+    if manifest.format > FORMAT:
+        raise StoreError(f"{folder} was written by a newer ragdec (format {manifest.format}); upgrade ragdec")
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Commit a generation: write the manifest to a temp file, fsync, rename into place."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MANIFEST}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the store is shared like any data file
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(asdict(manifest), f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / MANIFEST)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def check_embedder(folder: Path, manifest: Manifest, info) -> None:
+    """Refuse an embedder whose vectors are not comparable with the stored ones.
+
+    The name may differ (a zoo name and its prepared folder are the same weights); the
+    weights' version and the dimension may not.
+    """
+    stored = manifest.embedder
+    if stored["version"] == info.version and stored["dimension"] == info.dimension:
+        return
+    raise EmbedderMismatch(
+        f"store {folder} was built with embedder {stored['name']!r} ({stored['dimension']} dimensions, "
+        f"{stored['version']}), not {info.name!r} ({info.dimension} dimensions, {info.version}): "
+        f"search it with --model {stored['name']} (or leave --model out), or {rebuild_hint(folder)} --model {info.name}"
+    )
+
+
+def remove_stale_files(folder: Path, keep: Manifest | None) -> None:
+    """Delete files of generations other than ``keep``'s, and leftovers of crashed writes."""
+    current = {keep.index_file, keep.documents_file} if keep else set()
+    for path in folder.iterdir():
+        stale_generation = _GENERATION_FILE.match(path.name) and path.name not in current
+        leftover = path.name.startswith(".") and path.name.endswith((".tmp", ".partial", ".partial-journal"))
+        if stale_generation or leftover:
+            path.unlink(missing_ok=True)
+
+
+class WriterLock:
+    """An exclusive ``flock`` on ``folder/.lock`` while one process writes the store."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self._file = None
+
+    def acquire(self) -> None:
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            self._file = None
+            raise StoreError(
+                f"store {self.path.parent} is being written by another process; wait for it to finish"
+            ) from None
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
