@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ragdec.decoding.greedy import NoDraft
-from ragdec.decoding.llma import LLMADrafter, build_index, llma_config
+from ragdec.decoding.llma import LLMADrafter, LLMAMemory, build_index, llma_config
 from ragdec.decoding.methods import register_method
 
 
@@ -56,4 +56,6 @@ def _llma_forced(generator, prompt_ids, references, params):
     config = llma_config(options)
     # a fixed draft length: the cost model's acceptance estimates do not apply to forced text
     config = type(config)(**{**config.__dict__, "copy_k": config.copy_k or 16})
-    return LLMADrafter(build_index(generator.tokenizer, references, config), config, None), _forced(generator, params)
+    # the paper's setting: this request's references only, no memory of earlier answers
+    drafter = LLMADrafter(build_index(generator.tokenizer, references, config), config, None, LLMAMemory())
+    return drafter, _forced(generator, params)

@@ -129,8 +129,12 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     counter = ForwardCounter(generator.model)
     prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
 
+    states: dict[str, dict] = {}
+
     def run_one(spec: str, i: int, max_new_tokens: int) -> Run:
         method, options = parse_method(spec)
+        # each method spec learns only from its own earlier runs, as if it served alone
+        generator.method_state = states.setdefault(spec, {})
         if method in HF_METHODS:
             lookup = dict(
                 prompt_lookup_num_tokens=config.prompt_lookup_num_tokens,
@@ -147,6 +151,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     for i in range(min(config.warmup, len(prompts))):
         for method in methods:
             run_one(method, i, min(16, config.max_new_tokens))
+    states.clear()  # nothing learnt in the warm-up carries into the timed runs
     runs: dict[str, list[Run]] = {m: [] for m in methods}
     for i in tqdm(range(len(prompts)), desc=f"bench {config.workload}", disable=not progress, unit="prompt"):
         # rotate the order so that no method always runs first (cache warmth, thermals)

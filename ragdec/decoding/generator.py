@@ -57,6 +57,7 @@ class Generator:
         if eos is None:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+        self.method_state: dict[str, object] = {}  # what a method learns across requests
 
     @classmethod
     def load(cls, name_or_path: str) -> "Generator":
