@@ -127,3 +127,22 @@ def test_llma_equals_greedy_on_smollm2(smollm2):
         for options in ({}, {"copy_k": 8}, {"trigger_n": 1, "copy_k": 4}):
             ours = llma(smollm2, prompt, [passage], 48, **options)
             assert ours.token_ids == expected.token_ids, (question, options)
+
+
+def test_acceptance_estimate_docstring_example():
+    from ragdec.decoding.llma import AcceptanceEstimate
+
+    estimate = AcceptanceEstimate(max_draft=16)
+    situation = (4, True)
+    for _ in range(3):
+        estimate.update(situation, 16, 16)
+    estimate.update(situation, 16, 2)
+    pooled = estimate.rate(situation)
+    assert round(pooled, 2) == 0.96
+    curve = estimate.survival(situation)
+    p1 = (4 + 2 * pooled) / (4 + 2)
+    assert curve[0] == pytest.approx(p1) and curve[1] == pytest.approx(p1 * p1)
+    assert curve[2] / curve[1] == pytest.approx((3 + 2 * pooled) / (4 + 2))
+    # a survival curve steers the cost model like a flat rate does
+    cost = ForwardCost((0.12, 0.14, 0.15, 0.17, 0.25))
+    assert cost.best_draft_len([0.5, 0.25, 0.125, 0.0625], 4) == cost.best_draft_len(0.5, 4) == 2

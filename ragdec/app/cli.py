@@ -49,7 +49,7 @@ def _method_options(args) -> dict:
 
 
 def _add_method_knobs(parser) -> None:
-    parser.add_argument("--trigger-n", type=int, help="llma: shortest match that triggers a copy (default 2)")
+    parser.add_argument("--trigger-n", type=int, help="llma: shortest match that triggers a copy (default 1)")
     parser.add_argument("--copy-k", help="llma: draft length, or 'auto' to choose it per step from the cost model (default)")
 
 

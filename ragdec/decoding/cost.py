@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 MEASURED_DRAFTS = (0, 1, 2, 4, 8, 12, 16)  # draft lengths timed; the rest interpolated
 
@@ -25,12 +26,13 @@ class ForwardCost:
     def max_draft(self) -> int:
         return len(self.seconds) - 1
 
-    def best_draft_len(self, acceptance: float, available: int) -> int:
+    def best_draft_len(self, survival: "float | Sequence[float]", available: int) -> int:
         """The draft length with the most expected tokens per second.
 
-        With each draft token accepted with probability ``a`` (until the first miss), a
-        draft of k yields 1 + a + ... + a^k tokens (the 1 is the target's own token) in
-        ``seconds[k]``; k = 0 is plain greedy.
+        ``survival[j - 1]`` is the chance that at least j draft tokens stand; a single
+        number ``a`` means each token stands with probability a until the first miss
+        (survival a^j). A draft of k yields 1 + survival[0] + ... + survival[k - 1]
+        tokens (the 1 is the target's own token) in ``seconds[k]``; k = 0 is plain greedy.
 
         Example: seconds = (0.12, 0.14, 0.15, 0.17, 0.25), a = 0.5: k=0 gives 1/0.12 = 8.3
         tokens/s, k=1 1.5/0.14 = 10.7, k=2 1.75/0.15 = 11.7, k=3 1.875/0.17 = 11.0, so 2.
@@ -39,7 +41,7 @@ class ForwardCost:
         best_k, best_rate = 0, 1.0 / self.seconds[0]
         expected = 1.0
         for k in range(1, min(available, self.max_draft) + 1):
-            expected += acceptance**k
+            expected += survival**k if isinstance(survival, float) else survival[k - 1]
             rate = expected / self.seconds[k]
             if rate > best_rate:
                 best_k, best_rate = k, rate

@@ -21,7 +21,7 @@ from .reference_index import ReferenceIndex
 
 @dataclass(frozen=True)
 class LLMAConfig:
-    trigger_n: int = 2  # shortest match that triggers a copy; 1 matches too much on CPUs
+    trigger_n: int = 1  # shortest match that triggers a copy; the cost model drafts little on weak matches
     max_n: int = 6  # longest match looked for; longer matches predict the copy better
     copy_k: int | None = None  # fixed draft length; None: chosen per step by the cost model
     max_copy: int = 16  # longest draft the cost model may choose
@@ -59,25 +59,32 @@ def _sentences(text: str) -> list[str]:
 
 
 class AcceptanceEstimate:
-    """The chance that a draft token is accepted, as a Beta posterior on a geometric
-    model: every accepted token is a success, every draft cut short one failure.
+    """How far a draft is likely to stand: for each draft position j, the chance that
+    token j stands given that the tokens before it did, learnt per situation.
 
-    Kept apart per situation: how long the match is (1, 2, 3, 4+ tokens) and whether the
-    previous draft stood whole. Copying tends to run on: inside a span that is being
-    copied, the next draft is far more likely to stand than after a miss, and the cost
-    model can then afford a long draft. The prior (3 successes, 1 failure) trusts a fresh
-    situation moderately.
+    A situation is how long the match is (1, 2, 3, 4+ tokens) and whether the previous
+    draft stood whole: inside a span that is being copied the next draft is far more
+    likely to stand than after a miss. Each position's chance is shrunk towards the
+    situation's pooled rate (every accepted token a success, every draft cut short a
+    failure, prior 3:1), so positions that long drafts have rarely reached borrow from
+    the short ones. The product of the chances gives the survival curve that the cost
+    model weighs against the cost of each draft length.
 
-    Example: after drafts of 2 that stood whole twice in situation (2, True), its rate is
-    (3 + 4) / (3 + 4 + 1) = 0.875; one more draft of 16 where 5 stood gives
-    (3 + 9) / (3 + 9 + 2) = 0.857.
+    Example: in one situation, drafts of 16 stood whole 3 times and stopped after 2 once:
+    position 1 and 2 survived 4 of 4, position 3 survived 3 of 4; pooled rate
+    (3 + 50) / (3 + 50 + 1 + 1) = 0.96, so position 3's chance is
+    (3 + 2 * 0.96) / (4 + 2) = 0.82.
     """
 
     PRIOR_ACCEPTED, PRIOR_REJECTED = 3.0, 1.0
+    SHRINKAGE = 2.0  # pseudo-observations of the pooled rate at each position
 
-    def __init__(self):
+    def __init__(self, max_draft: int = 16):
+        self.max_draft = max_draft
         self._accepted: dict[tuple[int, bool], float] = {}
         self._rejected: dict[tuple[int, bool], float] = {}
+        self._reached: dict[tuple[int, bool], list[int]] = {}  # [j]: drafts that got to position j + 1
+        self._stood: dict[tuple[int, bool], list[int]] = {}  # [j]: of those, token j + 1 stood
 
     @staticmethod
     def situation(match_len: int, in_copy: bool) -> tuple[int, bool]:
@@ -88,10 +95,25 @@ class AcceptanceEstimate:
         r = self._rejected.get(situation, 0.0) + self.PRIOR_REJECTED
         return a / (a + r)
 
+    def survival(self, situation: tuple[int, bool]) -> list[float]:
+        pooled = self.rate(situation)
+        reached = self._reached.get(situation, [0] * self.max_draft)
+        stood = self._stood.get(situation, [0] * self.max_draft)
+        curve, alive = [], 1.0
+        for j in range(self.max_draft):
+            alive *= (stood[j] + self.SHRINKAGE * pooled) / (reached[j] + self.SHRINKAGE)
+            curve.append(alive)
+        return curve
+
     def update(self, situation: tuple[int, bool], drafted: int, accepted: int) -> None:
         self._accepted[situation] = self._accepted.get(situation, 0.0) + accepted
         if accepted < drafted:
             self._rejected[situation] = self._rejected.get(situation, 0.0) + 1
+        reached = self._reached.setdefault(situation, [0] * self.max_draft)
+        stood = self._stood.setdefault(situation, [0] * self.max_draft)
+        for j in range(min(accepted + 1, drafted, self.max_draft)):
+            reached[j] += 1
+            stood[j] += j < accepted
 
 
 class LLMAMemory:
@@ -103,7 +125,7 @@ class LLMAMemory:
     would say it."""
 
     def __init__(self, max_answers: int = 32):
-        self.estimate = AcceptanceEstimate()
+        self.estimate = AcceptanceEstimate(max_draft=16)
         self.answers: deque[list[int]] = deque(maxlen=max_answers)
 
 
@@ -135,7 +157,7 @@ class LLMADrafter:
         self._situation = AcceptanceEstimate.situation(match.match_len, self._in_copy)
         if self.config.copy_k is not None or self.cost is None:
             return list(match.continuation)
-        k = self.cost.best_draft_len(self.memory.estimate.rate(self._situation), len(match.continuation))
+        k = self.cost.best_draft_len(self.memory.estimate.survival(self._situation), len(match.continuation))
         return list(match.continuation[:k])
 
     def observe(self, tokens: Sequence[int], drafted: int, accepted: int) -> None:
