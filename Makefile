@@ -38,10 +38,11 @@ demo: models-default
 	$(RAGDEC) generate --model qwen2.5-coder-0.5b-instruct --max-new-tokens 64 \
 		--prompt "In two sentences, what is retrieval-augmented generation?"
 
-# the committed benchmark results (bench/results/); slow: tens of minutes on 2 cores
+# the committed benchmark results (bench/results/); slow: over an hour on 2 cores
 bench: models-default
 	$(RAGDEC) bench rag --model qwen2.5-coder-0.5b-instruct --methods hf-greedy,greedy,hf-prompt-lookup \
 		--limit 20 --json bench/results/rag_greedy_qwen0.5b.json
+	bash bench/run_decoding.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -83,7 +83,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+RETRIEVAL_FLAGS = ("embedder", "baseline_embedder", "scale", "questions", "nprobe", "latency_queries")
+
+
 def cmd_bench(args) -> int:
+    if args.workload == "retrieval":
+        from ragdec.bench.retrieval import run_retrieval_bench
+
+        run_retrieval_bench(args.data, args.json, **{k: getattr(args, k) for k in RETRIEVAL_FLAGS})
+        return 0
+    if args.workload == "cache":
+        from ragdec.bench.cache import run_cache_bench
+
+        run_cache_bench(args.data, args.json)
+        return 0
     from ragdec.bench.harness import BenchConfig, format_table, run_bench
 
     config = BenchConfig(
@@ -107,6 +120,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ragdec.app import cli_cache, cli_index
+    from ragdec.bench import retrieval as retrieval_bench
     parser = argparse.ArgumentParser(prog="ragdec", description="Fast retrieval-augmented and conversational answering.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -129,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmark methods against Hugging Face baselines on one workload")
-    bench.add_argument("workload", help="workload name, e.g. rag")
+    bench.add_argument(
+        "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat), or retrieval, or cache"
+    )
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument(
         "--methods",
@@ -146,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-matching-ngram-size", type=int, default=2)
     _add_method_knobs(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    retrieval_bench.add_arguments(bench.add_argument_group("retrieval workload"))
     bench.set_defaults(func=cmd_bench)
+
+    cli_index.register(sub)
+    cli_cache.register(sub)
     return parser
 
 
