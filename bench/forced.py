@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ragdec.decoding.cost import forward_cost
 from ragdec.decoding.greedy import NoDraft
 from ragdec.decoding.llma import LLMADrafter, LLMAMemory, build_index, llma_config
 from ragdec.decoding.methods import register_method
@@ -54,8 +55,9 @@ def _forced_greedy(generator, prompt_ids, references, params):
 def _llma_forced(generator, prompt_ids, references, params):
     options = {k: v for k, v in params.options.items() if k != "forced_answer"}
     config = llma_config(options)
-    # a fixed draft length: the cost model's acceptance estimates do not apply to forced text
-    config = type(config)(**{**config.__dict__, "copy_k": config.copy_k or 16})
-    # the paper's setting: this request's references only, no memory of earlier answers
-    drafter = LLMADrafter(build_index(generator.tokenizer, references, config), config, None, LLMAMemory())
+    # the paper's setting: this request's references only, no memory of earlier answers;
+    # draft lengths from the cost model, whose estimates learn acceptance against the
+    # forced text as they would against the model's argmax
+    cost = forward_cost(generator.model, generator.name) if config.copy_k is None else None
+    drafter = LLMADrafter(build_index(generator.tokenizer, references, config), config, cost, LLMAMemory())
     return drafter, _forced(generator, params)
