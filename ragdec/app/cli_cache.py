@@ -88,15 +88,20 @@ def cmd_cache_calibrate(args) -> int:
     cache = QACache.open(_db(args), args.embedder)
     try:
         print(f"embedding {len(pairs)} pairs with {cache.embedder.info.name} ...", file=sys.stderr)
-        scores = calibration.pair_scores(cache.embedder, pairs, progress=True)
+        a, b = calibration.pair_vectors(cache.embedder, pairs, progress=True)
         result = calibration.calibrate_pairs(
-            scores, [p.duplicate for p in pairs], calibration.guard_passes(pairs), args.target_false_hit_rate
+            (a * b).sum(axis=1), [p.duplicate for p in pairs], calibration.guard_passes(pairs), args.target_false_hit_rate
         )
         report = {"pairs": {**result.report(), "file": str(args.pairs)}}
         cache.save_policy("pairs", result.policy, report["pairs"])
         faq_rows = None
         if args.faq:
-            faq_result, faq_rows = _calibrate_faq(cache, args.faq, result.policy.near_threshold, args.target_wrong_rate)
+            # the pairs' questions stand for what users ask that no FAQ entry answers
+            questions = [p.a for p in pairs] + [p.b for p in pairs]
+            first = {q: i for i, q in reversed(list(enumerate(questions)))}
+            unrelated = list(first)
+            vectors = [a[i] if i < len(pairs) else b[i - len(pairs)] for i in (first[q] for q in unrelated)]
+            faq_result, faq_rows = _calibrate_faq(cache, args.faq, args.target_wrong_rate, (unrelated, vectors), args.target_false_hit_rate)
             report["faq"] = {**faq_result.report(), "file": str(args.faq)}
             cache.save_policy("faq", faq_result.policy, report["faq"])
         plot = calibration.plot_calibration(
@@ -113,7 +118,8 @@ def cmd_cache_calibrate(args) -> int:
         f = report["faq"]
         print(
             f"faq: semantic >= {f['policy']['semantic_threshold']:.4f}, margin {f['policy']['margin']:.4f}: "
-            f"{f['right_rate']:.1%} right, {f['wrong_rate']:.2%} wrong of {f['queries']} paraphrases"
+            f"{f['right_rate']:.1%} right, {f['wrong_rate']:.2%} wrong of {f['queries']} paraphrases; "
+            f"{f['out_of_set_rate']:.2%} of {f['out_of_set_queries']} unrelated questions served"
         )
     print(f"saved in {_db(args)}; plot {plot}")
     if args.json:
@@ -121,11 +127,11 @@ def cmd_cache_calibrate(args) -> int:
     return 0
 
 
-def _calibrate_faq(cache, faq_path: str, near_threshold: float, target_wrong_rate: float):
+def _calibrate_faq(cache, faq_path: str, target_wrong_rate: float, unrelated, target_out_of_set_rate: float):
     """Import the FAQ's canonical questions into a scratch cache with the same embedder and
-    calibrate on how its paraphrases meet them."""
+    calibrate on how its paraphrases, and ``unrelated`` (questions, vectors), meet them."""
     from ragdec.cache import calibration
-    from ragdec.cache.faq import faq_entries, read_faq, score_paraphrases
+    from ragdec.cache.faq import faq_entries, read_faq, score_paraphrases, score_questions
     from ragdec.cache.lookup import QACache
     from ragdec.cache.store import EmbedderIdentity, QAStore
 
@@ -135,11 +141,15 @@ def _calibrate_faq(cache, faq_path: str, near_threshold: float, target_wrong_rat
         store = QAStore.open(Path(scratch) / "faq.sqlite", EmbedderIdentity(info.name, info.version, info.dimension))
         scratch_cache = QACache(store, cache.embedder)
         try:
-            scratch_cache.put_many(faq_entries(records, Path(faq_path).name, with_paraphrases=False))
-            scores = score_paraphrases(scratch_cache, records)
+            scratch_cache.put_many(faq_entries(records, "faq", with_paraphrases=False))
+            scores = score_paraphrases(scratch_cache, records, source="faq")
+            out_top, out_margin, out_guard, _ = score_questions(scratch_cache, *unrelated)
         finally:
             store.close()
-    result = calibration.calibrate_faq(scores.top, scores.margin, scores.guard_pass, scores.right, near_threshold, target_wrong_rate)
+    result = calibration.calibrate_faq(
+        scores.top, scores.margin, scores.guard_pass, scores.right, target_wrong_rate,
+        (out_top, out_margin, out_guard), target_out_of_set_rate,
+    )
     rows = calibration.faq_curve(scores.top, scores.margin, scores.guard_pass, scores.right, result.policy)
     return result, rows
 

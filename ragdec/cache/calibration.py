@@ -71,7 +71,9 @@ class FaqCalibration:
     right_rate: float  # queries served their own FAQ's answer
     wrong_rate: float  # queries served another FAQ's answer
     wrong_upper: float  # its 95% upper bound (<= target)
-    queries: int
+    queries: int  # paraphrases
+    out_of_set_rate: float | None  # unrelated questions served an FAQ answer
+    out_of_set_queries: int  # unrelated questions
 
     def report(self) -> dict:
         return asdict(self)
@@ -117,10 +119,10 @@ def embed_unique(embedder, texts: Sequence[str], progress: bool = False, batch: 
     return vectors[[rows[t] for t in texts]]
 
 
-def pair_scores(embedder, pairs: Sequence[Pair], progress: bool = False):
-    """Cosine of each pair under ``embedder``'s question embeddings: float [n]."""
+def pair_vectors(embedder, pairs: Sequence[Pair], progress: bool = False):
+    """Question vectors of each pair's two sides: (a [n, d], b [n, d])."""
     vectors = embed_unique(embedder, [p.a for p in pairs] + [p.b for p in pairs], progress)
-    return (vectors[: len(pairs)] * vectors[len(pairs) :]).sum(axis=1)
+    return vectors[: len(pairs)], vectors[len(pairs) :]
 
 
 def guard_passes(pairs: Sequence[Pair]):
@@ -149,14 +151,15 @@ def calibrate_pairs(
 ) -> PairsCalibration:
     """Pick the semantic threshold and the near band from labelled pairs.
 
-    Semantic: the lowest threshold t at which the non-duplicates that would be served
-    (score >= t and guard passes) are within ``target_false_hit_rate`` at 95% confidence;
-    lower thresholds serve more duplicates, so the lowest safe one serves the most.
-    Near: the score above which ``near_recall`` of the duplicates lie.
+    Near: the score above which ``near_recall`` of the duplicates lie. Semantic: the lowest
+    threshold t at which the non-duplicates that would be served (score >= t and the guard
+    passes) are within ``target_false_hit_rate`` at 95% confidence, and not below the near
+    threshold (a served match must at least score like most duplicates do).
 
-    Example: 2000 non-duplicates of which 12 pass the guard, 6 of those at cosine >= 0.62:
-    at t = 0.62, 6/2000 = 0.3% measured, 0.58% bound: within 1%, so t can go lower until
-    the bound reaches 1%; if all 12 together stay within it, t is the lowest score seen.
+    Example: 2000 non-duplicates; the guard lets 12 through, the lowest at cosine 0.41.
+    All 12 served is 0.6% measured, 0.93% at 95%: within 1%, so no score is needed to keep
+    false hits down, and t is the near threshold, say 0.73 (90% of duplicates above it).
+    Had 25 passed the guard (1.25%), t would rise until few enough remain above it.
     """
     import numpy as np
 
@@ -175,9 +178,10 @@ def calibrate_pairs(
         threshold = float(score)
     else:  # every guarded non-duplicate together is within the target: no score limit needed
         threshold = float(scores.min())
-    near = float(np.quantile(scores[duplicate], 1 - near_recall))
-    threshold = round(threshold, 4)  # 4 digits: what the policy keeps and the plot shows
-    near = round(min(near, threshold), 4)
+    near = round(float(np.quantile(scores[duplicate], 1 - near_recall)), 4)
+    # a semantic hit must also look like a typical duplicate: when the guard alone keeps
+    # false hits within the target, the threshold would fall to the lowest score seen
+    threshold = max(round(threshold, 4), near)
     false_hits = int((guard_pass & ~duplicate & (scores >= threshold)).sum())
     hits = int((guard_pass & duplicate & (scores >= threshold)).sum())
     return PairsCalibration(
@@ -209,18 +213,26 @@ def _curve(scores, duplicate, guard_pass, steps: int = 101):
 
 
 def calibrate_faq(
-    top, margin, guard_pass, right, near_threshold: float, target_wrong_rate: float = 0.02, grid: int = 40
+    top, margin, guard_pass, right, target_wrong_rate: float = 0.02, out_of_set=None,
+    target_out_of_set_rate: float = 0.01, near_recall: float = 0.9, grid: int = 40,
 ) -> FaqCalibration:
-    """Pick the semantic threshold and margin for a curated FAQ from paraphrase queries.
+    """Pick the semantic threshold and margin for a curated FAQ from paraphrase queries, and
+    from questions that no FAQ entry answers.
 
-    ``top`` [n]: each query's best score; ``margin`` [n]: over the best entry with another
-    answer; ``guard_pass`` [n]: the specifics guard on the best entry; ``right`` [n]: the
-    best entry holds the query's own answer. Over a grid of thresholds and margins (score
-    quantiles), the policy with the most right answers whose wrong ones stay within
-    ``target_wrong_rate`` at 95% confidence wins; ties go to the stricter policy.
+    ``top`` [n]: each paraphrase's best score; ``margin`` [n]: over the best entry with
+    another answer; ``guard_pass`` [n]: the specifics guard on the best entry; ``right``
+    [n]: the best entry is the paraphrase's own FAQ. ``out_of_set``: (top, margin,
+    guard_pass) of unrelated questions, every serve of which is wrong. Over a grid of
+    thresholds and margins (quantiles of the paraphrases' scores), the policy with the most
+    right answers wins among those whose wrong answers stay within ``target_wrong_rate`` and
+    whose out-of-set serves stay within ``target_out_of_set_rate``, both at 95% confidence;
+    ties go to the stricter policy. The near band starts where ``near_recall`` of the
+    paraphrases that found their own FAQ first score above.
 
-    Example: 600 queries; t = 0.45, m = 0.08 serves 470 right and 3 wrong (0.5%, bound
-    1.1%): allowed; t = 0.40, m = 0.05 serves 500 right and 9 wrong (1.5%, bound 2.5%): not.
+    Example: 1249 paraphrases and 7849 Quora questions; t = 0.47, m = 0.07 serves 1042
+    paraphrases right and 16 wrong (1.3%, bound 1.9%) and 59 Quora questions (0.75%, bound
+    0.92%): allowed. At t = 0.31 the paraphrases fare as well but 90 of 2000 Quora
+    questions get an FAQ answer (4.5%): not.
     """
     import numpy as np
 
@@ -229,21 +241,35 @@ def calibrate_faq(
     n = len(top)
     if n == 0:
         raise ValueError("FAQ calibration needs paraphrase queries: give records with \"paraphrases\"")
-    best = (0, 0, float(top.max()) + 1e-6, 0.0)  # (right, -wrong, threshold, margin): serve nothing
+    if out_of_set is not None:
+        out_top, out_margin, out_guard = (np.asarray(x) for x in out_of_set)
+    else:
+        out_top, out_margin, out_guard = np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool)
+    best = (0, 0, round(float(top.max()) + 1e-4, 4), 0.0, 0)  # (right, -wrong, threshold, margin, out): serve nothing
     thresholds = np.unique(np.round(np.quantile(top, np.linspace(0, 1, grid + 1)), 4))
-    margins = np.unique(np.round(np.concatenate([[0.0], np.quantile(margin[margin > 0], np.linspace(0, 0.95, grid))]) if (margin > 0).any() else [0.0], 4))
+    positive = margin[margin > 0]
+    margins = np.unique(np.round(np.concatenate([[0.0], np.quantile(positive, np.linspace(0, 0.95, grid)) if len(positive) else []]), 4))
     for t in thresholds:
         for m in margins:
             served = (top >= t) & (margin >= m) & guard_pass
             n_right, n_wrong = int((served & right).sum()), int((served & ~right).sum())
+            n_out = int(((out_top >= t) & (out_margin >= m) & out_guard).sum())
             if wilson_upper(n_wrong, n) > target_wrong_rate:
                 continue
-            key = (n_right, -n_wrong, float(t), float(m))
+            if len(out_top) and wilson_upper(n_out, len(out_top)) > target_out_of_set_rate:
+                continue
+            key = (n_right, -n_wrong, float(t), float(m), n_out)
             if key[:2] > best[:2] or (key[:2] == best[:2] and (key[2], key[3]) > (best[2], best[3])):
                 best = key
-    n_right, n_wrong = best[0], -best[1]
-    policy = Policy(semantic_threshold=round(best[2], 4), near_threshold=min(near_threshold, round(best[2], 4)), margin=round(best[3], 4), guard="specifics")
-    return FaqCalibration(policy, target_wrong_rate, n_right / n, n_wrong / n, wilson_upper(n_wrong, n), n)
+    n_right, n_wrong, n_out = best[0], -best[1], best[4]
+    threshold = round(best[2], 4)
+    near = round(float(np.quantile(top[right], 1 - near_recall)), 4) if right.any() else threshold
+    policy = Policy(semantic_threshold=threshold, near_threshold=min(near, threshold), margin=round(best[3], 4), guard="specifics")
+    n_out_total = len(out_top)
+    return FaqCalibration(
+        policy, target_wrong_rate, n_right / n, n_wrong / n, wilson_upper(n_wrong, n), n,
+        n_out / n_out_total if n_out_total else None, n_out_total,
+    )
 
 
 def plot_calibration(pairs: PairsCalibration, path: str | Path, title: str = "", faq_curve=None) -> Path:

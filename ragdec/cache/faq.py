@@ -53,6 +53,7 @@ class FaqAnswer:
     lookup: Lookup  # how the cache answered (outcome, score, references, reason)
     generated: bool  # True when the model wrote it
     stats: dict | None = None  # decoding stats when generated
+    finish_reason: str | None = None  # "stop" | "length" when generated (only "stop" answers are cached)
 
 
 def read_faq(path: str | Path) -> list[FaqRecord]:
@@ -121,30 +122,41 @@ class ParaphraseScores:
     right: object  # bool [n]: the best entry is the query's own record
 
 
-def score_paraphrases(cache: QACache, records: Sequence[FaqRecord], vectors=None, source: str = "") -> ParaphraseScores:
-    """Assess every paraphrase of ``records`` against the curated entries in ``cache`` (the
-    records imported without their paraphrases). ``vectors`` [n, d]: the paraphrases'
-    embeddings, in record order, when the caller has them."""
+def score_questions(cache: QACache, questions: Sequence[str], vectors=None):
+    """How ``questions`` meet the curated entries in ``cache``: (top [n], margin [n],
+    guard_pass [n], best entries [n]) under the specifics guard. ``vectors`` [n, d]: their
+    embeddings when the caller has them."""
     import numpy as np
 
     from .lookup import assess
 
-    queries = [(record.id, paraphrase) for record in records for paraphrase in record.paraphrases]
-    if not queries:
-        raise ValueError("no paraphrases to calibrate with: FAQ records need a \"paraphrases\" list")
     if vectors is None:
         from .calibration import embed_unique
 
-        vectors = embed_unique(cache.embedder, [q for _, q in queries])
-    top, margin, guard_pass, right = [], [], [], []
-    for (record_id, query), vector in zip(queries, vectors):
-        assessment = assess(query, cache.candidates(vector, HUMAN, curated_only=True), "specifics")
-        best = assessment.best
-        top.append(best.score if best else -1.0)
+        vectors = embed_unique(cache.embedder, list(questions))
+    top, margin, guard_pass, best = [], [], [], []
+    for question, vector in zip(questions, vectors):
+        assessment = assess(question, cache.candidates(vector, HUMAN, curated_only=True), "specifics")
+        top.append(assessment.best.score if assessment.best else -1.0)
         margin.append(assessment.margin)
         guard_pass.append(bool(assessment.verdict))
-        right.append(best is not None and best.entry.source.endswith(f"#{record_id}") and (not source or best.entry.source == f"faq:{source}#{record_id}"))
-    return ParaphraseScores(tuple(r for r, _ in queries), np.array(top), np.array(margin), np.array(guard_pass), np.array(right))
+        best.append(assessment.best.entry if assessment.best else None)
+    return np.array(top), np.array(margin), np.array(guard_pass, dtype=bool), best
+
+
+def score_paraphrases(cache: QACache, records: Sequence[FaqRecord], vectors=None, source: str = "") -> ParaphraseScores:
+    """Assess every paraphrase of ``records`` against the curated entries in ``cache`` (the
+    records imported without their paraphrases; ``source``: the file name they were
+    imported under). ``vectors`` [n, d]: the paraphrases' embeddings, in record order."""
+    import numpy as np
+
+    queries = [(record.id, paraphrase) for record in records for paraphrase in record.paraphrases]
+    if not queries:
+        raise ValueError("no paraphrases to calibrate with: FAQ records need a \"paraphrases\" list")
+    top, margin, guard_pass, best = score_questions(cache, [q for _, q in queries], vectors)
+    suffixes = [f"{source}#{record_id}" if source else f"#{record_id}" for record_id, _ in queries]
+    right = np.array([entry is not None and entry.source.endswith(suffix) for entry, suffix in zip(best, suffixes)])
+    return ParaphraseScores(tuple(r for r, _ in queries), top, margin, guard_pass, right)
 
 
 def faq_messages(question: str, references: Sequence[str]) -> list[dict]:
@@ -219,4 +231,4 @@ class FaqService:
         text = generation.text.strip()
         if self.cache_generated and text and generation.finish_reason == "stop":
             self.cache.put(question, text, model=self.model, vector=vector)
-        return FaqAnswer(text, lookup, generated=True, stats=generation.stats.as_dict())
+        return FaqAnswer(text, lookup, generated=True, stats=generation.stats.as_dict(), finish_reason=generation.finish_reason)

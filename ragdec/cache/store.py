@@ -10,6 +10,8 @@ what other processes commit (``PRAGMA data_version`` says when to look). Tables:
 - ``deletions``: ids deleted, in order, so that other processes drop them from their index.
 - ``settings``: the format marker, the embedder that made the vectors, calibrated policies,
   the size cap, an epoch bumped when every index must be rebuilt (``clear``).
+- ``llm_cache``: LangChain's exact cache (prompt + llm string -> generations), for
+  ``ragdec.cache.langchain``; no embeddings, no semantic hits, as LangChain's contract says.
 - ``centroids``: the trained IVF cells of a large cache, so that reopening it does not
   retrain (k-means over 100k vectors takes seconds).
 
@@ -22,8 +24,8 @@ The file is plain SQLite: ``sqlite3 qa-cache.sqlite 'select question, hits from 
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import sqlite3
 import threading
 import time
@@ -62,6 +64,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS entries_key ON entries (question_hash, model, 
 CREATE INDEX IF NOT EXISTS entries_lru ON entries (last_used_at, id);
 CREATE INDEX IF NOT EXISTS entries_expiry ON entries (expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS deletions (seq INTEGER PRIMARY KEY AUTOINCREMENT, entry_id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS llm_cache (
+    key TEXT PRIMARY KEY,                   -- sha256 of the prompt and the llm string, exactly as given
+    prompt TEXT NOT NULL,
+    llm_string TEXT NOT NULL,               -- LangChain's description of the model and its settings
+    generations TEXT NOT NULL,              -- langchain_core.load.dumps of the generations (JSON)
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS centroids (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     trained_on INTEGER NOT NULL,            -- vectors the cells were trained on
@@ -69,7 +78,7 @@ CREATE TABLE IF NOT EXISTS centroids (
     data BLOB NOT NULL                      -- float32 [nlist, dimension]
 );
 """
-_TABLES = {"settings", "entries", "deletions", "centroids"}
+_TABLES = {"settings", "entries", "deletions", "centroids", "llm_cache"}
 _ENTRY_COLUMNS = "id, question, answer, model, store_version, source, created_at, last_used_at, hits, expires_at, answer_hash"
 
 
@@ -411,6 +420,7 @@ class QAStore:
                 return self._delete_ids(ids)
             count = conn.execute("SELECT count(*) FROM entries").fetchone()[0]
             conn.execute("DELETE FROM entries")
+            conn.execute("DELETE FROM llm_cache")
             conn.execute("DELETE FROM deletions")
             conn.execute("DELETE FROM centroids")
             conn.execute("DELETE FROM settings WHERE key = 'embedder'")  # policies name their embedder: kept
@@ -452,6 +462,32 @@ class QAStore:
             return 0
         ids = [row[0] for row in self.conn.execute("SELECT id FROM entries ORDER BY last_used_at, id LIMIT ?", [excess])]
         return self._delete_ids(ids)
+
+    # ---- LangChain's exact cache -----------------------------------------------------------
+
+    @staticmethod
+    def _llm_key(prompt: str, llm_string: str) -> str:
+        return hashlib.sha256(json.dumps([prompt, llm_string]).encode("utf-8")).hexdigest()
+
+    @_damage_is_a_file_error
+    def llm_get(self, prompt: str, llm_string: str) -> str | None:
+        """The stored generations (JSON) for exactly this prompt and llm string, or None."""
+        with self._lock:
+            row = self.conn.execute("SELECT generations FROM llm_cache WHERE key = ?", [self._llm_key(prompt, llm_string)]).fetchone()
+        return row[0] if row else None
+
+    @_damage_is_a_file_error
+    def llm_put(self, prompt: str, llm_string: str, generations: str) -> None:
+        with self.write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO llm_cache (key, prompt, llm_string, generations, created_at) VALUES (?, ?, ?, ?, ?)",
+                [self._llm_key(prompt, llm_string), prompt, llm_string, generations, self.clock()],
+            )
+
+    @_damage_is_a_file_error
+    def llm_clear(self) -> int:
+        with self.write() as conn:
+            return conn.execute("DELETE FROM llm_cache").rowcount
 
     # ---- reads ----------------------------------------------------------------------------
 
