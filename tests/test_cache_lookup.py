@@ -104,7 +104,8 @@ def test_near_hit_references_make_llma_copy_and_stay_lossless(cache, smollm2):
     assert near.outcome == "near" and near.references == (answer,)
     prompt = smollm2.prompt_ids(f"Related answer: {answer}\nWhat is the capital of France in 1800?")
     greedy = smollm2.generate(prompt, GenerationParams(max_new_tokens=24))
-    llma = smollm2.generate(prompt, GenerationParams(max_new_tokens=24, method="llma"), references=list(near.references))
+    llma_params = GenerationParams(max_new_tokens=24, method="llma", options={"copy_k": 8})  # fixed k: no cost-model timing
+    llma = smollm2.generate(prompt, llma_params, references=list(near.references))
     assert llma.token_ids == greedy.token_ids  # lossless: the references only speed it up
     assert llma.stats.forward_passes <= greedy.stats.forward_passes
 
