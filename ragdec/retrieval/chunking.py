@@ -8,6 +8,7 @@ decoder copying from it copies the original characters.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 _MAX_WORD_BACKOFF = 16  # tokens a cut may move back to avoid splitting a word
@@ -21,9 +22,29 @@ class Chunk:
     end: int  # character offset in the document (exclusive)
 
 
+_UNTRUNCATED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _untruncated_backend(tokenizer):
+    """A copy of the fast tokenizer's backend that neither truncates nor pads: some
+    tokenizer.json files carry a truncation (all-MiniLM-L6-v2's: 128 tokens) that would cut
+    every document short."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    if tokenizer not in _UNTRUNCATED:
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        _UNTRUNCATED[tokenizer] = copy
+    return _UNTRUNCATED[tokenizer]
+
+
 def token_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
     """Character spans [start, end) of the tokens of ``text``, special tokens left out."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend = _untruncated_backend(tokenizer)
     if backend is not None:  # fast path, and no "longer than the model's maximum" warning
         encoding = backend.encode(text, add_special_tokens=False)
         return [span for span in encoding.offsets if span[1] > span[0]]

@@ -27,6 +27,7 @@ from typing import Sequence
 IVF_MIN_VECTORS = 50_000  # "auto" picks IVF from here on (exact search passes ~10 ms on 2 cores)
 IVF_TRAIN_PER_CELL = 39  # FAISS warns below 39 training points per cell
 KINDS = ("auto", "flat", "ivf")
+SMALL_QUERY_BATCH = 8  # searched on one thread
 
 
 class IndexFileError(ValueError):
@@ -175,10 +176,18 @@ class VectorIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]
+        faiss = import_faiss()
         with self._lock:
             if len(self) == 0 or k <= 0:
                 return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-            return self.faiss_index.search(queries, min(k, len(self)))
+            # a lone query on busy cores is several times faster on one thread than waiting
+            # for a team (see embedder); the setting is OpenMP's, shared with torch: restore it
+            before = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1 if len(queries) <= SMALL_QUERY_BATCH else before)
+            try:
+                return self.faiss_index.search(queries, min(k, len(self)))
+            finally:
+                faiss.omp_set_num_threads(before)
 
     def ids_and_vectors(self):
         """Every (id, vector) held: int64 [n], float32 [n, d]; what a rebuild starts from."""

@@ -118,6 +118,11 @@ def ingest(
     Raises:
         FileNotFoundError: a path does not exist (before anything is changed).
     """
+    with retriever.write_lock:
+        return _ingest(retriever, paths, read_options, progress, prune, warn)
+
+
+def _ingest(retriever, paths, read_options, progress, prune, warn) -> IngestReport:
     from tqdm import tqdm
 
     started = time.perf_counter()

@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -77,6 +78,7 @@ class Retriever:
         self.manifest = manifest  # the last committed generation; None before the first save
         self.settings = settings
         self._lock = lock  # held while writable
+        self.write_lock = threading.RLock()  # one writer thread at a time: ids are handed out in order
 
     # --- opening ---------------------------------------------------------------------
 
@@ -229,6 +231,10 @@ class Retriever:
         """Embed and add texts as passages (no chunking); a text already stored keeps its id.
         Returns the id of each text. Call ``save`` to publish."""
         self._require_writable()
+        with self.write_lock:
+            return self._add_texts(texts, titles, source)
+
+    def _add_texts(self, texts: Sequence[str], titles: Sequence[str] | None, source: str) -> list[int]:
         titles = list(titles) if titles is not None else [""] * len(texts)
         hashes = [content_hash(t) for t in texts]
         known = self.documents.ids_by_hash(hashes)
@@ -248,8 +254,9 @@ class Retriever:
         """Delete what one file (or ``add_texts`` source) contributed, except passages whose
         content hash is in ``keep_hashes``; returns how many passages were deleted."""
         self._require_writable()
-        orphans = self.documents.forget_source(path, keep_hashes)
-        self.index.remove(orphans)
+        with self.write_lock:
+            orphans = self.documents.forget_source(path, keep_hashes)
+            self.index.remove(orphans)
         return len(orphans)
 
     def _settle_index(self) -> None:
@@ -267,6 +274,10 @@ class Retriever:
     def save(self) -> Manifest:
         """Publish what was added and deleted as the next generation (see persistence)."""
         self._require_writable()
+        with self.write_lock:
+            return self._save()
+
+    def _save(self) -> Manifest:
         self._settle_index()
         if len(self.index) != len(self.documents):
             raise StoreError(

@@ -1,0 +1,268 @@
+"""`ragdec bench retrieval`: recall and MRR of dense E5, BM25, hybrid and MiniLM on SQuAD;
+build throughput; query latency at 1k and 100k passages; memory per vector.
+
+Quality: the 995 SQuAD v1.1 dev paragraphs of ``qa/squad_passages.jsonl`` are indexed as a
+user would (``ragdec index build``: chunking, titles embedded), and each of the 400
+questions of ``qa/squad_questions.jsonl`` is asked; a hit is the gold paragraph (a chunk of
+it). recall@k: share of questions whose gold paragraph is in the first k distinct
+paragraphs; MRR: mean of 1 / rank of the gold paragraph within the first 10 (0 beyond).
+
+Scale: the 1k store is padded to 100k passages with perturbed copies of the real ones: the
+vector of a random real passage plus Gaussian noise (then normalized), under the text of a
+real passage with its sentences shuffled. Embedding 100k passages would take more than an
+hour on 2 cores, and what is timed here (FAISS over 100k vectors, SQLite over 100k rows)
+does not depend on where the vectors came from. Latency is one question at a time, as a
+chatbot asks: embedding, index search and fetching the passages, each timed, p50 and p95.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+K_VALUES = (1, 5, 10)
+SCALE = 100_000  # passages in the scale test
+NOISE = 0.05  # per-dimension std of the noise on padded vectors (unit vectors: ~1/sqrt(384) = 0.051 per dim)
+
+
+def add_arguments(parser) -> None:
+    """Flags of ``ragdec bench retrieval`` beyond --data and --json."""
+    parser.add_argument("--embedder", default="multilingual-e5-small", help="dense model measured as 'e5'")
+    parser.add_argument("--baseline-embedder", default="all-minilm-l6-v2", help="dense model measured as 'minilm'")
+    parser.add_argument("--scale", type=int, default=SCALE, help="passages in the scale test (0: skip it)")
+    parser.add_argument("--questions", type=int, help="first N questions only")
+    parser.add_argument("--nprobe", type=int, help="IVF cells read per query in the scale test (default nlist // 40)")
+    parser.add_argument("--latency-queries", type=int, default=200, help="questions timed one at a time")
+
+
+def _qa_dir(data: str | None) -> Path:
+    from ragdec.bench.workloads import data_dir
+
+    if data and (Path(data) / "squad_passages.jsonl").is_file():
+        return Path(data)
+    return data_dir(data) / "qa"
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _ms_summary(seconds: Sequence[float]) -> dict:
+    ms = [s * 1000 for s in seconds]
+    return {"p50": round(_percentile(ms, 0.5), 3), "p95": round(_percentile(ms, 0.95), 3), "mean": round(statistics.mean(ms), 3)}
+
+
+def quality(rankings: Sequence[Sequence[str]], gold: Sequence[str]) -> dict:
+    """recall@1/5/10 and MRR@10 of paragraph rankings (distinct ids, best first).
+
+    Example: rankings [["a", "b"], ["c", "d", "e"]], gold ["b", "x"] -> recall@1 0.0,
+    recall@5 0.5 (b at rank 2), recall@10 0.5, MRR (1/2 + 0) / 2 = 0.25.
+    """
+    result = {}
+    for k in K_VALUES:
+        result[f"recall@{k}"] = round(sum(g in r[:k] for r, g in zip(rankings, gold)) / len(gold), 4)
+    reciprocal = [1 / (r.index(g) + 1) if g in r[:10] else 0.0 for r, g in zip(rankings, gold)]
+    result["mrr"] = round(statistics.mean(reciprocal), 4)
+    return result
+
+
+def _paragraph_rankings(retriever, questions: Sequence[str], mode: str) -> list[list[str]]:
+    """Distinct gold-comparable paragraph ids (the record of each hit), best first, 10 each."""
+    rankings = []
+    for start in range(0, len(questions), 64):
+        for hits in retriever.search_batch(questions[start : start + 64], k=30, mode=mode):
+            rankings.append(list(dict.fromkeys(hit.passage.record for hit in hits))[:10])
+    return rankings
+
+
+def _build_store(passages_file: Path, folder: Path, embedder) -> tuple[object, dict]:
+    from ragdec.retrieval.ingest import build
+    from ragdec.retrieval.persistence import Settings
+
+    report = build([passages_file], folder, embedder=embedder, settings=Settings(), progress=True)
+    return report, {
+        "passages": report.passages_added,
+        "records": None,
+        "seconds": round(report.seconds, 2),
+        "embed_seconds": round(report.embed_seconds, 2),
+        "passages_per_s": round(report.passages_per_s, 2),
+    }
+
+
+def _time_queries(retriever, questions: Sequence[str], mode: str = "dense") -> dict:
+    """One question at a time: embed, index search, fetch, each timed."""
+    embed_s, index_s, fetch_s, total_s = [], [], [], []
+    for question in questions[:5]:  # warm-up: caches, thread pools
+        retriever.search(question, k=5, mode=mode)
+    for question in questions:
+        t0 = time.perf_counter()
+        if mode == "bm25":
+            ranking = retriever.documents.bm25(question, 5)
+            t2 = t1 = t0
+            ids = [i for i, _ in ranking]
+        else:
+            vector = retriever.embedder.embed_queries([question])
+            t1 = time.perf_counter()
+            _, id_rows = retriever.index.search(vector, 5)
+            t2 = time.perf_counter()
+            ids = [int(i) for i in id_rows[0] if i >= 0]
+        retriever.documents.get(ids)
+        t3 = time.perf_counter()
+        embed_s.append(t1 - t0)
+        index_s.append(t2 - t1 if mode != "bm25" else t3 - t0)
+        fetch_s.append(t3 - t2)
+        total_s.append(t3 - t0)
+    return {"total_ms": _ms_summary(total_s), "embed_ms": _ms_summary(embed_s),
+            "index_ms": _ms_summary(index_s), "fetch_ms": _ms_summary(fetch_s), "queries": len(questions)}
+
+
+def _shuffled_sentences(text: str, rng: random.Random) -> str:
+    sentences = [s for s in text.replace("? ", "?. ").split(". ") if s]
+    rng.shuffle(sentences)
+    return ". ".join(sentences)
+
+
+def _pad_store(retriever, target: int, seed: int = 0) -> float:
+    """Add perturbed copies of the real passages until the store holds ``target``; returns seconds."""
+    import numpy as np
+
+    from ragdec.retrieval.store import Passage, content_hash
+
+    started = time.perf_counter()
+    real_ids, real_vectors = retriever.index.ids_and_vectors()
+    real = retriever.documents.get(real_ids.tolist())
+    rng = random.Random(seed)
+    generator = np.random.default_rng(seed)
+    next_id = retriever.documents.next_id()
+    while len(retriever.index) < target:
+        n = min(10_000, target - len(retriever.index))
+        picks = generator.integers(0, len(real_ids), n)
+        vectors = real_vectors[picks] + generator.normal(0, NOISE, (n, real_vectors.shape[1])).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        passages = []
+        for j, pick in enumerate(picks):
+            source = real[int(real_ids[pick])]
+            text = _shuffled_sentences(source.text, rng) + f" [copy {next_id + j}]"
+            passages.append(Passage(next_id + j, text, source.title, "synthetic", f"pad {next_id + j}", 0, content_hash(text)))
+        retriever.add_passages(passages, vectors)
+        next_id += n
+    return time.perf_counter() - started
+
+
+def _index_agreement(flat, ivf, queries) -> float:
+    """Share of the exact top-10 that the IVF index also returns (its recall against exact)."""
+    _, exact = flat.search(queries, 10)
+    _, approx = ivf.search(queries, 10)
+    return round(float(sum(len(set(a) & set(e)) for a, e in zip(approx, exact)) / exact.size), 4)
+
+
+def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> dict:
+    """Run the measurement, print a table, write JSON to ``json_path`` (when given)."""
+    from ragdec.bench.harness import write_json
+    from ragdec.bench.machine import machine_info
+    from ragdec.bench.workloads import read_jsonl
+    from ragdec.decoding.generator import configure_threads
+    from ragdec.retrieval.embedder import Embedder
+    from ragdec.retrieval.index import IndexSpec, choose_spec
+    from ragdec.retrieval.retriever import Retriever
+
+    configure_threads()
+    embedder_name = kwargs.get("embedder") or "multilingual-e5-small"
+    baseline_name = kwargs.get("baseline_embedder") or "all-minilm-l6-v2"
+    scale = SCALE if kwargs.get("scale") is None else kwargs["scale"]
+    latency_queries = kwargs.get("latency_queries") or 200
+    qa = _qa_dir(data)
+    passages_file = qa / "squad_passages.jsonl"
+    records = read_jsonl(passages_file)
+    questions = read_jsonl(qa / "squad_questions.jsonl")[: kwargs.get("questions") or None]
+    texts = [q["question"] for q in questions]
+    gold = [q["passage_id"] for q in questions]
+    load_before = os.getloadavg()
+    result: dict = {
+        "machine": machine_info(),
+        "data": {"passages": len(records), "questions": len(questions), "folder": str(qa)},
+        "settings": {"embedder": embedder_name, "baseline_embedder": baseline_name, "k_values": list(K_VALUES),
+                     "hybrid": "reciprocal rank fusion (rrf_k 60) of dense and BM25 top-50"},
+        "methods": {},
+        "build": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="ragdec-bench-retrieval-") as tmp:
+        # 1. quality and build speed, the main embedder (dense, BM25, hybrid)
+        embedder = Embedder(embedder_name)
+        _, result["build"]["e5"] = _build_store(passages_file, Path(tmp) / "e5", embedder)
+        with Retriever.open(Path(tmp) / "e5", embedder) as retriever:
+            result["build"]["e5"]["records"] = len({p.record for p in retriever.documents.get(retriever.documents.all_ids()).values()})
+            for method, mode in (("e5", "dense"), ("bm25", "bm25"), ("hybrid", "hybrid")):
+                result["methods"][method] = quality(_paragraph_rankings(retriever, texts, mode), gold)
+            timed = texts[:latency_queries]
+            result["latency_ms"] = {"1k": {"passages": len(retriever), "index": retriever.index.spec.kind,
+                                           "dense": _time_queries(retriever, timed),
+                                           "bm25": _time_queries(retriever, timed, "bm25")}}
+        # 2. the baseline embedder, dense only
+        baseline = Embedder(baseline_name)
+        _, result["build"]["minilm"] = _build_store(passages_file, Path(tmp) / "minilm", baseline)
+        with Retriever.open(Path(tmp) / "minilm", baseline) as retriever:
+            result["methods"]["minilm"] = quality(_paragraph_rankings(retriever, texts, "dense"), gold)
+        del baseline
+        result["build_passages_per_s"] = result["build"]["e5"]["passages_per_s"]
+        # 3. scale: pad the E5 store to `scale` passages; time flat and IVF
+        if scale:
+            folder = Path(tmp) / "e5"
+            with Retriever.open_for_writing(folder, embedder) as retriever:
+                pad_seconds = _pad_store(retriever, scale)
+                started = time.perf_counter()
+                manifest = retriever.save()  # "auto" turns the index into IVF at this size
+                save_seconds = time.perf_counter() - started
+            with Retriever.open(folder, embedder, nprobe=kwargs.get("nprobe")) as retriever:
+                ivf = retriever.index
+                flat = ivf.convert(IndexSpec("flat"))
+                query_vectors = embedder.embed_queries(texts)
+                entry = {"passages": len(ivf), "pad_seconds": round(pad_seconds, 1), "save_seconds": round(save_seconds, 1),
+                         "ivf": ivf.spec.as_dict(), "ivf_agreement_with_exact_at_10": _index_agreement(flat, ivf, query_vectors),
+                         "recall_e5_ivf": quality(_paragraph_rankings(retriever, texts, "dense"), gold),
+                         "dense_ivf": _time_queries(retriever, timed)}
+                retriever.index = flat
+                entry["dense_flat"] = _time_queries(retriever, timed)
+                entry["bm25"] = _time_queries(retriever, timed, "bm25")
+                result["memory"] = {
+                    "bytes_per_vector_flat": round(flat.memory_bytes() / len(flat), 1),
+                    "bytes_per_vector_ivf": round(ivf.memory_bytes() / len(ivf), 1),
+                    "bytes_per_passage_sqlite": round(os.path.getsize(folder / manifest.documents_file) / len(ivf), 1),
+                    "dimension": embedder.info.dimension,
+                }
+                result["latency_ms"][f"{scale // 1000}k"] = entry
+    result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
+    print(format_table(result))
+    if json_path:
+        write_json(result, json_path)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"retrieval on {result['data']['passages']} passages, {result['data']['questions']} questions "
+             f"({result['machine']['cpu']}, {result['machine']['cores']} cores)"]
+    header = ["method", "recall@1", "recall@5", "recall@10", "mrr"]
+    rows = [[name] + [f"{scores[c]:.3f}" for c in header[1:]] for name, scores in result["methods"].items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header] + rows]
+    lines.append(f"build: {result['build_passages_per_s']:.1f} passages/s (e5), "
+                 f"{result['build']['minilm']['passages_per_s']:.1f} (minilm)")
+    for scale, entry in result["latency_ms"].items():
+        for name in ("dense", "dense_flat", "dense_ivf", "bm25"):
+            if name in entry:
+                timing = entry[name]
+                lines.append(f"latency {scale} {name}: total p50 {timing['total_ms']['p50']:.1f} ms, "
+                             f"p95 {timing['total_ms']['p95']:.1f} ms (index p50 {timing['index_ms']['p50']:.2f} ms)")
+    if "memory" in result:
+        memory = result["memory"]
+        lines.append(f"memory: {memory['bytes_per_vector_flat']:.0f} B/vector flat, {memory['bytes_per_vector_ivf']:.0f} B/vector IVF, "
+                     f"{memory['bytes_per_passage_sqlite']:.0f} B/passage SQLite")
+    return "\n".join(lines)
