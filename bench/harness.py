@@ -198,4 +198,5 @@ def write_json(result: dict, path: str | Path) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
     os.replace(tmp, path)
