@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -91,7 +92,7 @@ def run_cache_bench(data: str | None, json_path: str | None, **kwargs) -> dict:
         result["alternatives"][name] = {"qqp": other["qqp"], "stackfaq": other["stackfaq"], "policies": other["policies"]}
     result["targets"] = {"qqp_false_hit_rate_max": 0.01, "stackfaq_right_rate_min": 0.70, "stackfaq_wrong_rate_max": 0.02, "latency_p50_ms_100k_max": 5.0}
     result["data"] = {"qqp_pairs": len(pairs), "stackfaq_questions": len(records), "stackfaq_paraphrases": sum(len(r.paraphrases) for r in records)}
-    result["machine"] = machine_info()
+    result["machine"] = {**machine_info(), "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
     result["wall_s"] = round(time.time() - started, 1)
     print(format_table(result))
     if json_path != "":
@@ -350,6 +351,7 @@ def _latency(embedder, vectors: dict, sizes: Sequence[int], queries: int, policy
             reopen = time.perf_counter() - opened
             for text, vector in zip(query_texts[:20], query_vectors[:20]):  # warm-up
                 cache.lookup(text, model=BENCH_MODEL, vector=vector, policy=policy)
+            load = os.getloadavg()[0]  # the machine is shared: what else ran while timing
             timings, outcomes = [], {}
             for text, vector in zip(query_texts, query_vectors):
                 t0 = time.perf_counter()
@@ -369,6 +371,7 @@ def _latency(embedder, vectors: dict, sizes: Sequence[int], queries: int, policy
                 "open_s": round(reopen, 2),
                 "first_open_s": round(first_open, 2),
                 "outcomes": outcomes,
+                "load_average_1m": round(load, 2),
             }
             if kind == "ivf":
                 result[label]["ivf_top1_recall"] = _ivf_recall(cache.store, query_vectors[:200])

@@ -260,3 +260,28 @@ def test_a_writer_killed_mid_write_leaves_a_consistent_database(tmp_path):
     assert len(store.index) == len(store)
     put(store, "after the crash")  # and it takes writes again
     store.close()
+
+
+def test_a_large_cache_trains_ivf_cells_once_and_reuses_them(tmp_path):
+    from ragdec.retrieval.index import IVF_MIN_VECTORS
+
+    path = tmp_path / "qa.sqlite"
+    store = QAStore.open(path, IDENTITY)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((IVF_MIN_VECTORS, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = []
+    for start in range(0, IVF_MIN_VECTORS, 10_000):
+        part = range(start, start + 10_000)
+        ids += store.put([NewEntry(f"q{i}", f"a{i}", "m1") for i in part], vectors[start : start + 10_000])
+    assert store.index.spec.kind == "ivf"  # trained now, cells kept in the file
+    assert store.search(vectors[123], k=1)[0][0] == ids[123]
+    trained = store.conn.execute("SELECT trained_on, nlist FROM centroids").fetchone()
+    assert trained[0] == IVF_MIN_VECTORS
+    store.close()
+    reopened = QAStore.open(path, IDENTITY)
+    assert reopened.index.spec.nlist == trained[1]  # rebuilt over the kept cells
+    assert reopened.search(vectors[4567], k=1)[0][0] == ids[4567]
+    reopened.delete([ids[4567]])
+    assert ids[4567] not in [i for i, _ in reopened.search(vectors[4567], k=3)]
+    reopened.close()

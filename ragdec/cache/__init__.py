@@ -1,1 +1,44 @@
-"""SQLite QA cache: exact, semantic and near hits."""
+"""The QA cache: answers kept in SQLite, found again by question.
+
+One module per idea:
+
+- ``normalize``: the exact-hit key (a question's normalized form and its hash).
+- ``guard``: the checks that keep near-duplicates that differ in meaning from being served.
+- ``store``: entries in SQLite (WAL, one transaction per write) mirrored in FAISS.
+- ``lookup``: ``QACache.lookup`` -> ``Lookup`` (exact | semantic | near | miss) under a ``Policy``.
+- ``calibration``: thresholds from labelled pairs and FAQ paraphrases; the plot.
+- ``faq``: importing FAQ files and answering from them, generating with near-hit references.
+- ``langchain``: LangChain's ``BaseCache`` in the same file (exact, prompt + llm string).
+
+Nothing heavy is imported here; each name loads its module on first use::
+
+    from ragdec.cache import QACache
+    cache = QACache.open("qa-cache.sqlite")
+    cache.lookup("How do I rotate the logs?", model="qwen2.5-coder-0.5b-instruct")
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "QACache": "lookup",
+    "Lookup": "lookup",
+    "Policy": "lookup",
+    "QAStore": "store",
+    "NewEntry": "store",
+    "Entry": "store",
+    "CacheFileError": "store",
+    "FaqService": "faq",
+    "import_faq": "faq",
+    "paraphrase_guard": "guard",
+    "specifics_guard": "guard",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ragdec.cache' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

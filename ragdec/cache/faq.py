@@ -176,7 +176,8 @@ class FaqService:
     Example::
 
         service = FaqService(QACache.open("faq.sqlite"), model="qwen2.5-coder-0.5b-instruct")
-        service.ask("Removing my FB account.").generated        # False: the FAQ answer
+        service.ask("How can I remove my facebook account?").generated   # False: the FAQ answer
+        service.ask("Removing my FB account.").generated   # True when "FB" is nowhere in the entry (guard)
         service.ask("How do I delete my Instagram account?")     # generated, FAQ answers as references
     """
 

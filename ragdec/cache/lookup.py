@@ -18,7 +18,7 @@ prompt-keyed semantic caches serve the answer to another question.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from .guard import GUARDS, Verdict
@@ -29,7 +29,6 @@ from .store import HUMAN, CacheFileError, EmbedderIdentity, Entry, NewEntry, QAS
 # (bench/results/cache.json). E5 remains the choice for questions not in English.
 DEFAULT_CACHE_EMBEDDER = "all-minilm-l6-v2"
 CANDIDATES = 16  # nearest entries read per lookup; the valid ones among them are assessed
-OUTCOMES = ("exact", "semantic", "near", "miss")
 
 
 @dataclass(frozen=True)
@@ -338,8 +337,3 @@ def _recorded_embedder(path) -> str | None:
     finally:
         store.close()
     return recorded["name"] if recorded else None
-
-
-def with_policy_overrides(policy: Policy, **overrides) -> Policy:
-    """``policy`` with the given fields replaced (None values ignored)."""
-    return replace(policy, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,7 +1,7 @@
 """The QA cache's storage: entries in SQLite (via sqlite-utils), mirrored in a FAISS index.
 
 SQLite is the truth; the FAISS index is rebuilt from it on open and kept in step with
-what other processes commit (``PRAGMA data_version`` says when to look). Tables:
+what other processes commit (``mirror.py``). Tables:
 
 - ``entries``: one cached answer each: the question as asked, the SHA-256 of its normalized
   form (the exact-hit key, unique per model and store version), the answer, the answering
@@ -30,16 +30,16 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .mirror import IndexMirror
 from .normalize import answer_hash, question_hash
+from .records import HUMAN, CacheStats, EmbedderIdentity, Entry, NewEntry  # noqa: F401 (HUMAN, Entry: re-exported)
 
 FORMAT = "ragdec-qa-cache"
 SCHEMA_VERSION = 1  # bump when an older reader would misread the tables
-HUMAN = "human"  # the model of curated answers (FAQ): valid whatever model answers now
 BUSY_TIMEOUT_S = 30.0  # writers queue behind each other; a hit's counter update is ~1 ms
 DELETIONS_KEPT = 10_000  # past this, the log is cut and every process rebuilds its index
 
@@ -84,66 +84,6 @@ _ENTRY_COLUMNS = "id, question, answer, model, store_version, source, created_at
 
 class CacheFileError(ValueError):
     """The file cannot be used as a QA cache: damaged, foreign, or made by another embedder."""
-
-
-@dataclass(frozen=True)
-class EmbedderIdentity:
-    name: str  # zoo name, folder or hub id
-    version: str  # identifies the weights (``EmbedderInfo.version``)
-    dimension: int  # vector length
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "dimension": self.dimension}
-
-
-@dataclass(frozen=True)
-class NewEntry:
-    question: str  # the user's question, not the assembled prompt
-    answer: str
-    model: str  # the answering model's id, or HUMAN
-    store_version: str = ""  # the retrieval store's version (its generation); "" when none
-    source: str = ""  # where a curated entry came from ("faq:stackfaq.jsonl#12")
-    ttl_s: float | None = None  # seconds until it expires; None: never
-
-
-@dataclass(frozen=True)
-class Entry:
-    id: int  # also the FAISS id
-    question: str
-    answer: str
-    model: str
-    store_version: str
-    source: str
-    created_at: float  # unix seconds
-    last_used_at: float  # unix seconds
-    hits: int  # times served
-    expires_at: float | None  # unix seconds; None: never
-    answer_hash: str  # equal answers, equal hashes
-
-    def valid_for(self, model: str, store_version: str, now: float) -> bool:
-        """Servable to ``model`` over ``store_version`` at ``now``: same model (or curated),
-        same store version (or grounded on none), not expired."""
-        return (
-            self.model in (model, HUMAN)
-            and self.store_version in (store_version, "")
-            and (self.expires_at is None or self.expires_at > now)
-        )
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    path: str
-    entries: int
-    expired: int  # entries past their TTL, not purged yet
-    hits: int  # total times served
-    by_model: dict  # model -> entries
-    by_store_version: dict  # store version -> entries
-    embedder: dict | None  # what made the vectors
-    max_entries: int | None  # LRU size cap
-    file_bytes: int  # database, WAL and shared-memory files together
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def _now() -> float:
@@ -193,14 +133,8 @@ class QAStore:
         self.path = path
         self.clock = clock  # unix seconds; tests pass their own
         self._lock = threading.RLock()
-        self._index = None  # VectorIndex, built on first search
-        self._dimension = 0
-        self._epoch = None  # the settings epoch the index was built at
-        self._synced_id = 0  # every entry id up to this is in the index (or deleted)
-        self._deleted_seq = 0  # every deletion up to this is applied
-        self._data_version = None  # PRAGMA data_version when last synced
-        self._dirty = True  # this connection wrote since the last sync
-        self._new_centroids = None  # (trained_on, nlist, bytes) to keep after a rebuild trained IVF cells
+        self._dimension = 0  # vector length; 0 until an embedder is recorded
+        self._mirror = IndexMirror()  # the FAISS index, built on first search
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -298,10 +232,10 @@ class QAStore:
                 self.conn.execute("ROLLBACK")
                 raise
             self.conn.execute("COMMIT")
-            self._dirty = True
+            self._mirror.dirty = True
 
     @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
+    def read(self) -> Iterator[sqlite3.Connection]:
         """A consistent snapshot for several reads."""
         with self._lock:
             self.conn.execute("BEGIN")
@@ -522,14 +456,13 @@ class QAStore:
         """The ``k`` entries whose question vectors are nearest ``vector`` (any model, any
         store version: the caller filters), as (id, cosine), best first."""
         with self._lock:
-            self._sync()
-            scores, ids = self._index.search(vector, k)
+            scores, ids = self._mirror.sync(self).search(vector, k)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
     @_damage_is_a_file_error
     def stats(self) -> CacheStats:
         now = self.clock()
-        with self._read() as conn:
+        with self.read() as conn:
             entries, hits = conn.execute("SELECT count(*), coalesce(sum(hits), 0) FROM entries").fetchone()
             expired = conn.execute("SELECT count(*) FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?", [now]).fetchone()[0]
             by_model = dict(conn.execute("SELECT model, count(*) FROM entries GROUP BY model ORDER BY count(*) DESC"))
@@ -537,101 +470,16 @@ class QAStore:
         size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")) if p.exists())
         return CacheStats(str(self.path), entries, expired, hits, by_model, by_version, self.embedder, self.max_entries, size)
 
-    # ---- the FAISS mirror -----------------------------------------------------------------
-
     @property
     def index(self):
         """The VectorIndex in step with SQLite (built on first use)."""
         with self._lock:
-            self._sync()
-            return self._index
+            return self._mirror.sync(self)
 
-    def _sync(self) -> None:
-        """Bring the index in step with what is committed: rebuild on first use or a new
-        epoch; otherwise add entries above the last id seen and drop logged deletions."""
-        import numpy as np
-
-        data_version = self.conn.execute("PRAGMA data_version").fetchone()[0]
-        if self._index is not None and not self._dirty and data_version == self._data_version:
-            return
-        with self._read() as conn:
-            epoch = conn.execute("SELECT value FROM settings WHERE key = 'epoch'").fetchone()[0]
-            if self._index is None or epoch != self._epoch:
-                self._rebuild(epoch)
-            else:
-                rows = conn.execute("SELECT id, vector FROM entries WHERE id > ? ORDER BY id", [self._synced_id]).fetchall()
-                deletions = conn.execute(
-                    "SELECT seq, entry_id FROM deletions WHERE seq > ? ORDER BY seq", [self._deleted_seq]
-                ).fetchall()
-                if deletions:
-                    self._index.remove([entry_id for _, entry_id in deletions])
-                    self._deleted_seq = deletions[-1][0]
-                if rows:
-                    ids = np.array([row[0] for row in rows], dtype=np.int64)
-                    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), -1)
-                    self._index.add(ids, vectors)
-                    self._synced_id = int(ids[-1])
-        if self._new_centroids is not None:
-            with self.write() as conn:
-                conn.execute("INSERT OR REPLACE INTO centroids (id, trained_on, nlist, data) VALUES (1, ?, ?, ?)", self._new_centroids)
-            self._new_centroids = None
-        self._data_version = data_version
-        self._dirty = False
-
-    def _rebuild(self, epoch: str) -> None:
-        """Inside a read snapshot: the whole index from SQLite."""
-        import numpy as np
-
-        from ragdec.retrieval.index import VectorIndex
-
-        conn = self.conn
+    @property
+    def dimension(self) -> int:
+        """Vector length: the recorded embedder's (0 when none is recorded)."""
         if not self._dimension:
             recorded = self.embedder
             self._dimension = int(recorded["dimension"]) if recorded else 0
-        rows = conn.execute("SELECT id, vector FROM entries ORDER BY id").fetchall()
-        last_deletion = conn.execute("SELECT coalesce(max(seq), 0) FROM deletions").fetchone()[0]
-        ids = np.array([row[0] for row in rows], dtype=np.int64)
-        dimension = self._dimension or 1
-        vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), dimension)
-        if len(rows) == 0:
-            index = VectorIndex.empty(dimension)
-        else:
-            index, self._new_centroids = _build_index(conn, ids, vectors)
-        self._index = index
-        self._epoch = epoch
-        self._synced_id = int(ids[-1]) if len(ids) else 0
-        self._deleted_seq = int(last_deletion)
-
-
-def _build_index(conn: sqlite3.Connection, ids, vectors):
-    """The index over ``vectors`` [n, d] and, when IVF cells were trained for it, the cells
-    to keep: (index, (trained_on, nlist, bytes) or None).
-
-    Flat below ``IVF_MIN_VECTORS`` entries (exact). Above, IVF: over the cells stored in the
-    file when they were trained on at least a quarter of today's entries (adding 100k
-    vectors to trained cells takes under a second), else over cells trained now.
-    """
-    import numpy as np
-
-    from ragdec.retrieval.index import IndexSpec, VectorIndex, choose_spec, import_faiss
-
-    spec = choose_spec(len(ids))
-    if spec.kind == "flat":
-        return VectorIndex.build(ids, vectors, spec), None
-    faiss = import_faiss()
-    dimension = vectors.shape[1]
-    row = conn.execute("SELECT trained_on, nlist, data FROM centroids WHERE id = 1").fetchone()
-    if row is None or row[0] * 4 < len(ids):
-        index = VectorIndex.build(ids, vectors, spec)
-        cells = index.faiss_index.quantizer.reconstruct_n(0, index.spec.nlist)
-        return index, (len(ids), index.spec.nlist, np.ascontiguousarray(cells, dtype="<f4").tobytes())
-    trained_on, nlist, data = row
-    quantizer = faiss.IndexFlatIP(dimension)
-    quantizer.add(np.frombuffer(data, dtype="<f4").reshape(nlist, dimension))
-    ivf = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
-    ivf.is_trained = True
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # delete by id, as VectorIndex.build does
-    ivf.nprobe = max(1, nlist // 40)  # choose_spec's default
-    ivf.add_with_ids(np.ascontiguousarray(vectors), np.asarray(ids, dtype=np.int64))
-    ivf.ragdec_quantizer = quantizer  # the index does not own it: keep it alive with the index
-    return VectorIndex(ivf, IndexSpec("ivf", nlist, ivf.nprobe, trained_on), dimension), None
+        return self._dimension
