@@ -4,6 +4,7 @@ except a real tokenizer."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -105,11 +106,15 @@ def test_readers_read_good_files_and_explain_bad_ones(tmp_path):
 
 def test_jsonl_bad_lines_are_noted_and_skipped(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    path.write_text('{"text": "good one"}\nnot json\n{"body": "no text field"}\n\n{"text": "good two", "id": 5}\n')
+    long_record = json.dumps({"text": "word " * 50_000})
+    path.write_text('{"text": "good one"}\nnot json\n{"body": "no text field"}\n\n{"text": "good two", "id": 5}\n'
+                    + long_record + "\n")
     documents, notes = read_documents(path)
     assert [d.text for d in documents] == ["good one", "good two"]
     assert [d.record for d in documents] == ["line 1", "5"]
     assert any("not JSON" in n for n in notes) and any("--text-field" in n for n in notes)
+    assert any("1 records are longer than 200,000 characters (line 6" in n for n in notes)
+    assert len(read_documents(path, ReadOptions(max_line_chars=300_000))[0]) == 3
     documents, _ = read_documents(path, ReadOptions(text_field="body"))
     assert [d.text for d in documents] == ["no text field"]
 

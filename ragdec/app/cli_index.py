@@ -111,7 +111,7 @@ def register(subparsers) -> None:
     build.add_argument("--nprobe", type=int, help="IVF cells read per query [stored: nlist // 40]")
     build.add_argument("--chunk-tokens", type=int, help="passage length in embedder tokens [stored: 256]")
     build.add_argument("--overlap-tokens", type=int, help="tokens shared by consecutive passages [stored: 32]")
-    build.add_argument("--embed-titles", choices=("yes", "no"), help="embed a passage's title with it [stored: yes]")
+    build.add_argument("--embed-titles", choices=("yes", "no"), help="embed a passage's title with it [stored: no]")
     build.add_argument("--text-field", default="text", help="JSON Lines field holding the text")
     build.add_argument("--title-field", default="title", help="JSON Lines field holding the title")
     build.add_argument("--id-field", default="id", help="JSON Lines field naming the record")

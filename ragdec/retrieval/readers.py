@@ -63,8 +63,9 @@ def discover(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[str, s
     return sorted(found), unsupported
 
 
-def decode_text(path: Path, raw: bytes, max_line_chars: int) -> str:
-    """The UTF-8 text of a file's bytes, or ``SkippedFile`` saying why it is not text."""
+def decode_text(path: Path, raw: bytes, max_line_chars: int | None) -> str:
+    """The UTF-8 text of a file's bytes, or ``SkippedFile`` saying why it is not text
+    (``max_line_chars=None``: lines of any length)."""
     if not raw.strip():
         raise SkippedFile("empty file")
     if b"\x00" in raw[:_SNIFF_BYTES]:
@@ -75,8 +76,8 @@ def decode_text(path: Path, raw: bytes, max_line_chars: int) -> str:
         raise SkippedFile(
             f"not UTF-8 (bad byte at offset {error.start}); convert it, e.g. iconv -f LATIN1 -t UTF-8"
         ) from None
-    longest = max((len(line) for line in text.splitlines()), default=0)
-    if longest > max_line_chars:
+    longest = max((len(line) for line in text.splitlines()), default=0) if max_line_chars else 0
+    if max_line_chars and longest > max_line_chars:
         raise SkippedFile(
             f"a line of {longest:,} characters (the limit is {max_line_chars:,}): minified or encoded data? "
             "split it into lines or raise --max-line-chars"
@@ -96,13 +97,18 @@ def read_text_file(path: Path, raw: bytes, options: ReadOptions) -> list[Documen
 
 
 def read_jsonl(path: Path, raw: bytes, options: ReadOptions) -> tuple[list[Document], list[str]]:
-    """One document per record with a non-empty ``text_field``; notes on the lines left out."""
-    text = decode_text(path, raw, options.max_line_chars)
+    """One document per record with a non-empty ``text_field``; notes on the lines left out.
+    A record is one line however long its text, so the line limit skips records, not the file."""
+    text = decode_text(path, raw, None)
     documents: list[Document] = []
     bad_json: list[int] = []
     no_text: list[int] = []
+    too_long: list[int] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
+            continue
+        if len(line) > options.max_line_chars:
+            too_long.append(number)
             continue
         try:
             record = json.loads(line)
@@ -119,6 +125,11 @@ def read_jsonl(path: Path, raw: bytes, options: ReadOptions) -> tuple[list[Docum
             Document(str(path), str(name) if name is not None else f"line {number}", str(title or path.stem), body)
         )
     notes = []
+    if too_long:
+        notes.append(
+            f"{len(too_long)} records are longer than {options.max_line_chars:,} characters "
+            f"(line {', '.join(map(str, too_long[:5]))}...); raise --max-line-chars to read them"
+        )
     if bad_json:
         notes.append(f"{len(bad_json)} lines are not JSON (line {', '.join(map(str, bad_json[:5]))}...)")
     if no_text:

@@ -100,7 +100,17 @@ class Retriever:
             raise FileNotFoundError(f"no index in {folder}: build one with ragdec index build PATH... --store {folder}")
         embedder = _embedder(embedder, manifest)
         check_embedder(folder, manifest, embedder.info)
-        index, documents = _load_generation(folder, manifest, readonly=True)
+        for _ in range(3):  # a writer may commit, and delete our generation, while we load it
+            try:
+                index, documents = _load_generation(folder, manifest, readonly=True)
+                break
+            except StoreError:
+                latest = read_manifest(folder)
+                if latest is None or latest.generation == manifest.generation:
+                    raise
+                manifest = latest
+        else:
+            raise StoreError(f"store {folder} changed three times while being opened; try again")
         retriever = cls(folder, embedder, index, documents, manifest, Settings(**manifest.settings))
         if nprobe:
             index.set_nprobe(nprobe)
