@@ -118,12 +118,6 @@ def forward_cost(model, model_name: str) -> ForwardCost:
 
 
 def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    return "".join(c if c.isalnum() else "-" for c in name)[:40]
-    except OSError:
-        pass
-    return "cpu"
+    from .generator import cpu_name
+
+    return "".join(c if c.isalnum() else "-" for c in cpu_name())[:40]

@@ -22,6 +22,20 @@ def configure_threads() -> int:
     return cores
 
 
+def cpu_name() -> str:
+    """The processor's model name, as /proc/cpuinfo gives it (the platform's name elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @dataclass(frozen=True)
 class TextChunk:
     text: str  # new text since the previous chunk
