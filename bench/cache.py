@@ -289,7 +289,7 @@ def _plot(quality: dict, name: str, path: str) -> None:
 
     scores = quality["faq_scores"]
     rows = faq_curve(scores.top, scores.margin, scores.guard_pass, scores.right, quality["faq_policy"])
-    plot_calibration(quality["pairs_calibration"], path, f"QA cache calibration, {name} (qqp_pairs, stackfaq)", rows)
+    plot_calibration(quality["pairs_calibration"], path, f"QA cache calibration, {name} (qqp_pairs, stackfaq)", rows, quality["faq_policy"])
 
 
 # ---- latency ---------------------------------------------------------------------------

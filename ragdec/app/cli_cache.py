@@ -105,7 +105,8 @@ def cmd_cache_calibrate(args) -> int:
             report["faq"] = {**faq_result.report(), "file": str(args.faq)}
             cache.save_policy("faq", faq_result.policy, report["faq"])
         plot = calibration.plot_calibration(
-            result, args.plot or _db(args).with_suffix(".calibration.png"), f"QA cache calibration, {cache.embedder.info.name}", faq_rows
+            result, args.plot or _db(args).with_suffix(".calibration.png"), f"QA cache calibration, {cache.embedder.info.name}", faq_rows,
+            faq_result.policy if args.faq else None,
         )
     finally:
         cache.close()

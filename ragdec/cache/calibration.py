@@ -272,10 +272,11 @@ def calibrate_faq(
     )
 
 
-def plot_calibration(pairs: PairsCalibration, path: str | Path, title: str = "", faq_curve=None) -> Path:
+def plot_calibration(pairs: PairsCalibration, path: str | Path, title: str = "", faq_curve=None, faq_policy: Policy | None = None) -> Path:
     """Threshold against hit and false-hit rates (with and without the guard), the chosen
     threshold and the target marked; with ``faq_curve`` [(threshold, right, wrong)], a
-    second panel for the FAQ. Written as PNG."""
+    second panel for the FAQ (its chosen threshold marked when ``faq_policy`` is given).
+    Written as PNG."""
     try:
         import matplotlib
 
@@ -298,12 +299,14 @@ def plot_calibration(pairs: PairsCalibration, path: str | Path, title: str = "",
     ax.set_ylabel("share of pairs served")
     ax.set_title(f"question pairs ({pairs.duplicates} dup / {pairs.non_duplicates} non-dup)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="center left")
     if faq_curve:
         ax2 = axes[0][1]
         ft = [row[0] for row in faq_curve]
         ax2.plot(ft, [row[1] for row in faq_curve], color="tab:blue", label="right FAQ served")
         ax2.plot(ft, [row[2] for row in faq_curve], color="tab:red", label="wrong FAQ served")
+        if faq_policy is not None:
+            ax2.axvline(faq_policy.semantic_threshold, color="black", lw=1, label=f"semantic >= {faq_policy.semantic_threshold:.3f}, margin {faq_policy.margin:.3f}")
         ax2.set_xlabel("cosine threshold (calibrated margin and guard applied)")
         ax2.set_ylabel("share of paraphrase queries")
         ax2.set_title("FAQ paraphrases")
