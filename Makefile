@@ -33,10 +33,15 @@ models-all: models-default
 test: models-test
 	$(VENV)/bin/python -m pytest -q
 
+# a fresh clone to answers with sources: the default models, an index of the shipped
+# sample corpus (350 SQuAD paragraphs), two questions answered over it
+DEMO_STORE := $(HOME)/.cache/ragdec/demo.store
 demo: models-default
-	$(RAGDEC) models prepare qwen2.5-coder-0.5b-instruct
-	$(RAGDEC) generate --model qwen2.5-coder-0.5b-instruct --max-new-tokens 64 \
-		--prompt "In two sentences, what is retrieval-augmented generation?"
+	$(RAGDEC) models prepare qwen2.5-coder-0.5b-instruct multilingual-e5-small
+	$(RAGDEC) index build $$($(VENV)/bin/python -c "from ragdec.data import sample_corpus_path; print(sample_corpus_path())") \
+		--store $(DEMO_STORE)
+	$(RAGDEC) ask --store $(DEMO_STORE) --no-cache -k 3 --max-new-tokens 96 \
+		"In what year was Nikola Tesla born?" "Where did the black death originate?"
 
 # the committed benchmark results (bench/results/); slow: over an hour on 2 cores
 bench: models-default

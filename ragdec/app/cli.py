@@ -83,6 +83,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
+DEFAULT_BENCH_METHODS = "hf-greedy,greedy,hf-prompt-lookup"  # qa and chat-pipeline: greedy,llma
 RETRIEVAL_FLAGS = ("embedder", "baseline_embedder", "scale", "questions", "nprobe", "latency_queries")
 
 
@@ -96,6 +97,16 @@ def cmd_bench(args) -> int:
         from ragdec.bench.cache import run_cache_bench
 
         run_cache_bench(args.data, args.json)
+        return 0
+    if args.workload in ("qa", "chat-pipeline"):
+        from ragdec.bench import qa
+
+        methods = args.methods.split(",") if args.methods != DEFAULT_BENCH_METHODS else None
+        common = dict(model=args.model, methods=methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
+        if args.workload == "qa":
+            qa.run_qa_bench(args.data, args.json, k=args.k, **common)
+        else:
+            qa.run_chat_bench(args.data, args.json, **common)
         return 0
     from ragdec.bench.harness import BenchConfig, format_table, run_bench
 
@@ -120,7 +131,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ragdec.app import cli_cache, cli_index
+    from ragdec.app import cli_cache, cli_index, cli_pipeline
     from ragdec.bench import retrieval as retrieval_bench
     parser = argparse.ArgumentParser(prog="ragdec", description="Fast retrieval-augmented and conversational answering.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,12 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark methods against Hugging Face baselines on one workload")
     bench.add_argument(
-        "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat), or retrieval, or cache"
+        "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat); pipeline workload "
+        "(qa, chat-pipeline: methods greedy,llma by default); or retrieval, or cache"
     )
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument(
         "--methods",
-        default="hf-greedy,greedy,hf-prompt-lookup",
+        default=DEFAULT_BENCH_METHODS,
         help="comma-separated; hf-greedy is the reference; knobs per method as name:key=value, "
         "e.g. llma:copy_k=8 or hf-prompt-lookup:prompt_lookup_num_tokens=3",
     )
@@ -163,9 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-matching-ngram-size", type=int, default=2)
     _add_method_knobs(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    bench.add_argument("-k", type=int, default=5, help="qa: passages retrieved per question")
     retrieval_bench.add_arguments(bench.add_argument_group("retrieval workload"))
     bench.set_defaults(func=cmd_bench)
 
+    cli_pipeline.register(sub)
     cli_index.register(sub)
     cli_cache.register(sub)
     return parser

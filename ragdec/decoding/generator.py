@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from .kv import PrefixStore
 from .loop import decode
 from .methods import GenerationParams, method_factory
 from .seam import DecodeStats
@@ -72,6 +73,7 @@ class Generator:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
         self.method_state: dict[str, object] = {}  # what a method learns across requests
+        self.prefixes = PrefixStore()  # KV of recurring prompt prefixes (see ``stream``)
 
     @classmethod
     def load(cls, name_or_path: str) -> "Generator":
@@ -102,12 +104,20 @@ class Generator:
         prompt_ids: Sequence[int],
         params: GenerationParams = GenerationParams(),
         references: Sequence[str] = (),
+        prefix_len: int = 0,
     ) -> Iterator[TextChunk]:
-        """Decode with ``params.method``, yielding text as tokens are accepted."""
+        """Decode with ``params.method``, yielding text as tokens are accepted.
+
+        ``prefix_len``: the first tokens of ``prompt_ids`` recur across requests (a fixed
+        system prompt, a chat's history): their KV is kept in ``self.prefixes`` and reused,
+        so only the rest of the prompt is prefilled.
+        """
         drafter, acceptance = method_factory(params.method)(self, prompt_ids, references, params)
         stop = StopCondition(self.eos_token_ids, tuple(params.stop), params.max_new_tokens)
         text = TextStream(self.decode_text, params.stop)
-        for block in decode(self.model, prompt_ids, drafter, acceptance, stop, self.decode_text):
+        prefixes = self.prefixes if prefix_len > 0 else None
+        blocks = decode(self.model, prompt_ids, drafter, acceptance, stop, self.decode_text, prefixes, prefix_len)
+        for block in blocks:
             final = block.finish_reason is not None
             yield TextChunk(text.push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats)
 
@@ -116,11 +126,12 @@ class Generator:
         prompt_ids: Sequence[int],
         params: GenerationParams = GenerationParams(),
         references: Sequence[str] = (),
+        prefix_len: int = 0,
     ) -> Generation:
         """Decode to the end; return the whole answer with its stats."""
         texts: list[str] = []
         token_ids: list[int] = []
-        for chunk in self.stream(prompt_ids, params, references):
+        for chunk in self.stream(prompt_ids, params, references, prefix_len):
             texts.append(chunk.text)
             token_ids.extend(chunk.token_ids)
         return Generation("".join(texts), tuple(token_ids), chunk.finish_reason, chunk.stats)

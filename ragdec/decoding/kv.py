@@ -25,3 +25,60 @@ def crop_to(cache, length: int) -> None:
     excess = kv_len(cache) - length
     if excess > 0:
         cache.crop(-excess)  # transformers 5: a negative count removes that many
+
+
+def copy_cache(cache):
+    """An independent copy of ``cache`` (its tensors cloned), to decode on without
+    changing the original."""
+    import copy
+
+    return copy.deepcopy(cache)
+
+
+class PrefixStore:
+    """The KV of prompt prefixes that recur, so that their prefill runs once.
+
+    A fixed system prompt opens every RAG request, and in a chat each prompt begins with
+    the previous one's history; on a CPU, where prefill runs at about 130 tokens/s on a
+    0.5B model, re-reading them is most of the time to the first token. The store keeps
+    the cache of up to ``capacity`` prefixes (least recently used dropped first) and
+    hands out copies.
+
+    Example: prompts A = [s1 s2 s3 q1 q2] and B = [s1 s2 s3 r1] with ``prefix_len`` 3:
+    A's prefill runs over [s1 s2 s3], keeps a copy, then runs over [q1 q2]; B starts from
+    a copy of the kept cache and runs over [r1] only.
+    """
+
+    def __init__(self, capacity: int = 4):
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self._entries: "OrderedDict[tuple[int, ...], object]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def longest(self, tokens) -> tuple[object | None, int]:
+        """The kept cache of the longest kept prefix of ``tokens`` (a copy) and its length;
+        (None, 0) when none is kept."""
+        best = None
+        for key in self._entries:
+            if len(key) <= len(tokens) and (best is None or len(key) > len(best)) and tuple(tokens[: len(key)]) == key:
+                best = key
+        if best is None:
+            return None, 0
+        self._entries.move_to_end(best)
+        return copy_cache(self._entries[best]), len(best)
+
+    def keep(self, tokens, cache) -> None:
+        """Keep a copy of ``cache``, which holds exactly ``tokens``."""
+        if self.capacity <= 0 or not tokens:
+            return
+        key = tuple(tokens)
+        self._entries[key] = copy_cache(cache)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)

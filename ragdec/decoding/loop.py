@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Iterator, Sequence
 
-from .kv import crop_to, new_cache
+from .kv import PrefixStore, crop_to, new_cache
 from .seam import AcceptanceRule, Block, DecodeStats, Drafter
 from .stopping import StopCondition
 
@@ -46,6 +46,8 @@ def decode(
     acceptance: AcceptanceRule,
     stop: StopCondition,
     detokenize,
+    prefixes: PrefixStore | None = None,
+    prefix_len: int = 0,
 ) -> Iterator[Block]:
     """Decode from ``prompt_ids``, yielding the accepted tokens of each step.
 
@@ -56,6 +58,10 @@ def decode(
         acceptance: keeps a prefix of each draft plus one target token.
         stop: EOS ids, stop strings and the token budget.
         detokenize: token ids -> text, for stop strings.
+        prefixes, prefix_len: reuse the KV of ``prompt_ids[:prefix_len]`` (a fixed system
+            prompt, a conversation's history) from ``prefixes`` when kept there, and keep it
+            there when not. The prompt is then prefilled in two parts, which every
+            request sharing that prefix does alike.
 
     Yields:
         Blocks of new token ids; the last one carries ``finish_reason`` and ``stats``.
@@ -78,8 +84,18 @@ def decode(
     with torch.inference_mode():
         # 1. prefill: the prompt fills the cache; the acceptance rule picks the first
         #    token from its last logits, as from a verify over an empty draft
-        cache = new_cache(model)
-        first = acceptance.accept([], prefill(model, tokens, cache))[0]
+        cache, cached, start_at = None, 0, 0  # cached: reused from ``prefixes``
+        prefix_len = min(prefix_len, len(tokens) - 1)  # the last prompt token gives the logits
+        if prefixes is not None and prefix_len > 0:
+            cache, cached = prefixes.longest(tokens[:prefix_len])
+            cache = cache if cache is not None else new_cache(model)
+            if cached < prefix_len:
+                prefill(model, tokens[cached:prefix_len], cache)
+                prefixes.keep(tokens[:prefix_len], cache)
+            start_at = prefix_len
+        else:
+            cache = new_cache(model)
+        first = acceptance.accept([], prefill(model, tokens[start_at:], cache))[0]
         forward_passes += 1
         prefill_seconds = time.perf_counter() - start
         tokens.append(first)
@@ -94,6 +110,7 @@ def decode(
                 seconds=time.perf_counter() - start,
                 prefill_seconds=prefill_seconds,
                 prompt_tokens=prompt_len,
+                reused_prompt_tokens=cached,
                 drafter_forward_passes=getattr(drafter, "forward_passes", 0),
             )
 

@@ -60,6 +60,7 @@ class DecodeStats:
     prefill_seconds: float  # prompt forward up to the first new token (time to first token)
     prompt_tokens: int = 0
     drafter_forward_passes: int = 0  # forwards of a draft model, where the drafter has one
+    reused_prompt_tokens: int = 0  # prompt tokens whose KV came from a kept prefix (not prefilled)
 
     @property
     def decode_seconds(self) -> float:
@@ -95,6 +96,7 @@ class DecodeStats:
             "tokens_per_forward": round(self.tokens_per_forward, 3),
             "copied_share": round(self.copied_share, 3),
             "drafter_forward_passes": self.drafter_forward_passes,
+            "reused_prompt_tokens": self.reused_prompt_tokens,
         }
 
 

@@ -1,0 +1,191 @@
+"""`ragdec ask` and `ragdec chat`: answers over a document store, streamed, with sources.
+
+    ragdec ask "Where does the Rhine begin?" --store docs.store
+    ragdec chat --store docs.store          # /reset, /sources, /quit
+
+``register(subparsers)`` adds the commands to the main parser (``ragdec.app.cli``).
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def build_pipeline(args):
+    """The pipeline the flags describe: the store opened (its embedder checked), the QA
+    cache opened unless ``--no-cache``, the model loaded (prepared first when needed)."""
+    from pathlib import Path
+
+    from ragdec.decoding.generator import Generator, configure_threads
+    from ragdec.pipelines.rag import RagPipeline, RagSettings
+    from ragdec.pipelines.router import Router
+    from ragdec.retrieval.retriever import Retriever
+
+    configure_threads()
+    retriever = None
+    if args.store:
+        store = Path(args.store).expanduser()
+        if not store.is_dir():
+            raise FileNotFoundError(f"no store at {store}: build one with `ragdec index build PATH... --store {store}`")
+        retriever = Retriever.open(store)
+    cache = None
+    if not args.no_cache:
+        from ragdec.app.cli_cache import default_db
+        from ragdec.cache.lookup import QACache
+
+        cache = QACache.open(Path(args.db).expanduser() if args.db else default_db())
+    generator = Generator.load(args.model)
+    settings = RagSettings(k=args.k, search_mode=args.mode, cache_answers=not args.no_cache)
+    return RagPipeline(generator, retriever, cache, settings, Router(default=args.default_method))
+
+
+def _params(args):
+    from ragdec.app.cli import _method_options
+    from ragdec.decoding.methods import GenerationParams
+
+    return GenerationParams(max_new_tokens=args.max_new_tokens, method=args.method, options=_method_options(args))
+
+
+def stats_line(chunk) -> str:
+    """One line: method, cache outcome, timings, and the decoder's figures."""
+    info, stats = chunk.info, chunk.stats
+    parts = [f"{info.method}", f"cache {info.cache}", f"{info.seconds:.2f} s", f"first text {info.ttft_s:.2f} s"]
+    if stats is not None:
+        parts += [
+            f"{stats.new_tokens} tokens at {info.tokens_per_s:.1f}/s",
+            f"{stats.tokens_per_forward:.2f} tokens/forward",
+            f"{stats.copied_share:.0%} copied",
+            f"{stats.prompt_tokens} prompt tokens ({stats.reused_prompt_tokens} reused)",
+        ]
+    if info.sources:
+        parts.append(f"{len(info.sources)} passages, retrieval {info.retrieval_s * 1000:.0f} ms")
+    if info.dropped_turns:
+        parts.append(f"{info.dropped_turns} old messages dropped to fit")
+    return "[" + ", ".join(parts) + "]"
+
+
+def print_sources(info, out=None) -> None:
+    out = out or sys.stdout
+    for source in info.sources:
+        head = f"[{source.number}] {source.title} (score {source.score:.3f})" if source.title else f"[{source.number}] (score {source.score:.3f})"
+        print(head, file=out)
+        print(textwrap.indent(textwrap.shorten(source.text, 300, placeholder=" ..."), "    "), file=out)
+
+
+def _stream_answer(chunks) -> tuple[object, str]:
+    """Print chunks as they come; return the last one and the whole text."""
+    texts = []
+    for chunk in chunks:
+        print(chunk.text, end="", flush=True)
+        texts.append(chunk.text)
+    print()
+    return chunk, "".join(texts)
+
+
+def cmd_ask(args) -> int:
+    from ragdec.pipelines.types import Request
+
+    pipeline = build_pipeline(args)
+    results = []
+    try:
+        params = _params(args)
+        for question in args.question:
+            request = Request([{"role": "user", "content": question}], params=params)
+            if len(args.question) > 1:
+                print(f"Q: {question}")
+            last, text = _stream_answer(pipeline.stream([request]))
+            if last.finish_reason == "error":
+                print(f"ragdec: error: {last.info.error}", file=sys.stderr)
+                return 2
+            if last.info.sources and not args.no_sources:
+                print("\nSources:")
+                print_sources(last.info)
+            print(stats_line(last), file=sys.stderr)
+            results.append({
+                "question": question, "answer": text, "finish_reason": last.finish_reason,
+                "info": last.info.as_dict(), "stats": last.stats.as_dict() if last.stats else None,
+            })
+    finally:
+        if pipeline.cache is not None:
+            pipeline.cache.close()
+    if args.json:
+        from ragdec.bench.harness import write_json
+
+        write_json({"answers": results}, args.json)
+    return 0
+
+
+CHAT_HELP = "/reset forgets the conversation, /sources lists the last answer's passages, /quit leaves"
+
+
+def cmd_chat(args) -> int:
+    from ragdec.pipelines.chat import ChatSession
+
+    pipeline = build_pipeline(args)
+    session = ChatSession(pipeline, _params(args))
+    print(f"ragdec chat with {args.model}" + (f" over {args.store}" if args.store else "") + f". {CHAT_HELP}.", file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                return 0
+            if line == "/reset":
+                session.reset()
+                print("(conversation forgotten)", file=sys.stderr)
+                continue
+            if line == "/sources":
+                if session.last_info and session.last_info.sources:
+                    print_sources(session.last_info)
+                else:
+                    print("(no passages for the last answer)", file=sys.stderr)
+                continue
+            if line.startswith("/"):
+                print(f"(unknown command {line.split()[0]}: {CHAT_HELP})", file=sys.stderr)
+                continue
+            print("ragdec> ", end="", flush=True)
+            last, _ = _stream_answer(session.ask(line))
+            if last.finish_reason == "error":
+                print(f"(error: {last.info.error})", file=sys.stderr)
+            else:
+                print(stats_line(last), file=sys.stderr)
+    finally:
+        if pipeline.cache is not None:
+            pipeline.cache.close()
+
+
+def _add_common(parser) -> None:
+    from ragdec.app.cli import _add_method_knobs
+
+    parser.add_argument("--store", metavar="DIR", help="document store built by `ragdec index build` (none: the model alone)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="answer model: zoo name, local folder or hub id")
+    parser.add_argument("--method", default="auto", help="decoding method; auto: llma when there is text to copy, else --default-method")
+    parser.add_argument("--default-method", default="greedy", help="what auto picks when there is nothing to copy")
+    parser.add_argument("-k", type=int, default=5, help="passages retrieved per question")
+    parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default="dense", help="retrieval mode")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--db", help="QA cache file (default: $RAGDEC_HOME/qa-cache.sqlite)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the QA cache")
+    _add_method_knobs(parser)
+
+
+def register(subparsers) -> None:
+    """Add ``ask`` and ``chat`` to an argparse subparsers object."""
+    ask = subparsers.add_parser("ask", help="answer questions over a document store, with sources and stats")
+    ask.add_argument("question", nargs="+", help="one or more questions")
+    _add_common(ask)
+    ask.add_argument("--no-sources", action="store_true", help="do not list the passages")
+    ask.add_argument("--json", metavar="PATH", help="write answers, sources and stats as JSON")
+    ask.set_defaults(func=cmd_ask)
+
+    chat = subparsers.add_parser("chat", help="an interactive conversation over a document store")
+    _add_common(chat)
+    chat.set_defaults(func=cmd_chat)

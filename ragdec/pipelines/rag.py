@@ -1,0 +1,173 @@
+"""The answer pipeline: QA cache, retrieval, prompt, decoder, cache write-back.
+
+One pipeline serves single questions (RAG) and conversations (chat): a request's messages
+carry its history, the history feeds the same reference index as the passages, and the
+question is rewritten with its context for retrieval.
+
+    cache lookup ── exact / semantic hit ──> the stored answer, at once
+        │ near hit: the stored answers join the references
+        v
+    retrieval (question + last turns) -> top-k passages fitted to a token budget
+        v
+    chat template: system prompt | history | numbered passages + question
+        v
+    decoder (router: llma when there is anything to copy), streamed
+        v
+    answer written back to the cache (standalone questions over the store only)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
+
+from ragdec.decoding.methods import GenerationParams
+
+from .prompts import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, RequestError, Source, build_prompt, fit_sources, retrieval_query, split_messages, user_message
+from .router import Router
+from .types import AUTO, AnswerInfo, Chunk, Request
+
+
+@dataclass
+class RagSettings:
+    k: int = 5  # passages retrieved per question
+    search_mode: str = "dense"  # "dense" | "bm25" | "hybrid"
+    passage_tokens: int = 1024  # the passages' share of the prompt; prefill runs ~130 tokens/s on 2 cores
+    max_prompt_tokens: int = 3072  # history is cut to fit this (oldest turns first)
+    system_prompt: str = SYSTEM_PROMPT  # unless the request brings its own
+    plain_system_prompt: str = PLAIN_SYSTEM_PROMPT  # the same, for a pipeline without a store
+    cache_answers: bool = True  # write generated answers to the QA cache
+    reuse_prefix: bool = True  # keep the KV of the system prompt and history across requests
+
+
+class RagPipeline:
+    """Answers requests with ``generator``, over ``retriever`` and ``cache`` when given.
+
+    Example::
+
+        pipeline = RagPipeline(Generator.load("qwen2.5-coder-0.5b-instruct"), Retriever.open("docs.store"))
+        for chunk in pipeline.stream([Request([{"role": "user", "content": "Where does the Rhine begin?"}])]):
+            print(chunk.text, end="")
+        chunk.info.sources, chunk.stats.tokens_per_forward     # on the last chunk
+    """
+
+    def __init__(self, generator, retriever=None, cache=None, settings: RagSettings | None = None, router: Router | None = None):
+        self.generator = generator
+        self.retriever = retriever  # ragdec.retrieval.Retriever, or None to answer from the request alone
+        self.cache = cache  # ragdec.cache.QACache, or None
+        self.settings = settings or RagSettings()
+        self.router = router or Router()
+
+    @property
+    def store_version(self) -> str:
+        """What cached answers are tied to: the retrieval store's generation."""
+        manifest = getattr(self.retriever, "manifest", None)
+        return f"{manifest.generation}@{manifest.updated_at}" if manifest is not None else ""
+
+    def stream(self, requests: Sequence[Request]) -> Iterator[Chunk]:
+        for index, request in enumerate(requests):
+            yield from self._answer(index, request)
+
+    # ---- one request ------------------------------------------------------------------
+
+    def _answer(self, index: int, request: Request) -> Iterator[Chunk]:
+        started = time.perf_counter()
+        try:
+            system, history, question = split_messages(request.messages)
+        except RequestError as error:
+            yield _error(index, str(error))
+            return
+        # a standalone question over the store: its answer depends on the question alone
+        standalone = system is None and not history and not request.references
+        settings = self.settings
+        references: list[str] = list(request.references)
+
+        # 1. the QA cache, keyed on the user's question (never on the assembled prompt)
+        outcome = "off"
+        if self.cache is not None and standalone:
+            lookup = self.cache.lookup(question, model=self.generator.name, store_version=self.store_version)
+            outcome = lookup.outcome
+            if lookup.served:
+                seconds = time.perf_counter() - started
+                info = AnswerInfo("cache", outcome, seconds=seconds, ttft_s=seconds)
+                yield Chunk(index, lookup.answer, "stop", None, info)
+                return
+            references += lookup.references  # near hit: what still fits gets copied
+
+        # 2. retrieval, on the question with its context
+        sources: list[Source] = []
+        retrieval_s = 0.0
+        if self.retriever is not None:
+            t0 = time.perf_counter()
+            hits = self.retriever.search(retrieval_query(question, history), k=settings.k, mode=settings.search_mode)
+            retrieval_s = time.perf_counter() - t0
+            sources = fit_sources(
+                [Source(h.rank, h.id, h.title, h.text, h.score) for h in hits], settings.passage_tokens, self._count_tokens
+            )
+        references = [s.text for s in sources] + [m["content"] for m in history] + references
+
+        # 3. the prompt: history cut to fit what the answer needs
+        params = request.params
+        try:
+            limit = self._prompt_limit(params.max_new_tokens)
+            system = system or (settings.system_prompt if self.retriever is not None else settings.plain_system_prompt)
+            prompt = build_prompt(self._template, system, history, user_message(question, sources), limit)
+        except RequestError as error:
+            yield _error(index, str(error), outcome)
+            return
+
+        # 4. decode, streamed
+        method = self.router.choose(params.method, bool(references))
+        params = replace(params, method=method)
+        prefix_len = prompt.prefix_len if settings.reuse_prefix else 0
+        first_text_at = None
+        texts: list[str] = []
+        try:
+            for chunk in self.generator.stream(prompt.token_ids, params, references, prefix_len):
+                if chunk.text and first_text_at is None:
+                    first_text_at = time.perf_counter()
+                texts.append(chunk.text)
+                if chunk.finish_reason is None:
+                    if chunk.text:
+                        yield Chunk(index, chunk.text)
+                    continue
+                seconds = time.perf_counter() - started
+                stats = chunk.stats
+                info = AnswerInfo(
+                    method, outcome, tuple(sources), seconds,
+                    ttft_s=(first_text_at or time.perf_counter()) - started,
+                    retrieval_s=retrieval_s,
+                    tokens_per_s=stats.new_tokens / seconds if seconds > 0 else 0.0,
+                    dropped_turns=prompt.dropped_turns,
+                )
+                yield Chunk(index, chunk.text, chunk.finish_reason, stats, info)
+        except ValueError as error:  # an unknown method, a prompt over the model's context
+            yield _error(index, str(error), outcome)
+            return
+
+        # 5. write back, for the next asker
+        answer = "".join(texts).strip()
+        if self.cache is not None and standalone and settings.cache_answers and answer and chunk.finish_reason == "stop":
+            self.cache.put(question, answer, model=self.generator.name, store_version=self.store_version)
+
+    # ---- helpers ----------------------------------------------------------------------
+
+    def _template(self, messages: list[dict]) -> list[int]:
+        return self.generator.prompt_ids(messages)
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prompt_limit(self, max_new_tokens: int) -> int:
+        context = getattr(self.generator.model.config, "max_position_embeddings", None) or 1 << 30
+        return min(self.settings.max_prompt_tokens, context - max_new_tokens)
+
+
+def _error(index: int, message: str, outcome: str = "off") -> Chunk:
+    return Chunk(index, "", "error", None, AnswerInfo("none", outcome, error=message))
+
+
+def question_request(question: str, method: str = AUTO, max_new_tokens: int = 256, **options) -> Request:
+    """A one-question request: ``question_request("Where does the Rhine begin?")``."""
+    return Request([{"role": "user", "content": question}], params=GenerationParams(max_new_tokens=max_new_tokens, method=method, options=options))
