@@ -1,0 +1,135 @@
+"""PiD: every row of a batch equals answering that question alone with greedy, token for token."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ragdec.decoding.generator import Generator
+from ragdec.decoding.methods import GenerationParams
+from ragdec.decoding.pid import pid_generate, pid_stream, shared_prefix_len
+
+
+def greedy(generator: Generator, prompt, max_new_tokens=30, stop=()):
+    return generator.generate(prompt, GenerationParams(max_new_tokens=max_new_tokens, stop=stop))
+
+
+def document_prompts(vocab_size: int, count: int, seed: int = 0, doc_len: int = 60) -> list[list[int]]:
+    """One random document, then questions of 1 to 40 tokens: prompts sharing a long prefix."""
+    rng = random.Random(seed)
+    document = [rng.randrange(2, vocab_size) for _ in range(doc_len)]
+    lengths = [1, 40, *(rng.randrange(1, 41) for _ in range(count - 2))][:count]
+    return [document + [rng.randrange(2, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def assert_rows_equal_greedy(generator, prompts, params, references=(), share="view"):
+    ours = pid_generate(generator, prompts, params, references, share=share)
+    for i, prompt in enumerate(prompts):
+        expected = greedy(generator, prompt, params.max_new_tokens, params.stop)
+        assert ours[i].token_ids == expected.token_ids, f"row {i}"
+        assert (ours[i].text, ours[i].finish_reason) == (expected.text, expected.finish_reason), f"row {i}"
+    return ours
+
+
+def test_shared_prefix_len_docstring_example():
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 7]]) == 2
+    assert shared_prefix_len([[1, 2, 3]]) == 2
+    assert shared_prefix_len([[5, 1], [6, 1]]) == 0
+
+
+@pytest.mark.parametrize("share", ["view", "copy"])
+def test_pid_rows_equal_greedy_on_tiny_models(tiny_generator, share):
+    prompts = document_prompts(len(tiny_generator.tokenizer), 7, seed=1)
+    assert_rows_equal_greedy(tiny_generator, prompts, GenerationParams(max_new_tokens=30, method="pid"), share=share)
+
+
+def test_pid_without_a_shared_prefix_and_with_one_row(tiny_generator):
+    rng = random.Random(5)
+    vocab = len(tiny_generator.tokenizer)
+    unrelated = [[rng.randrange(2, vocab) for _ in range(n)] for n in (3, 17, 1, 29)]
+    params = GenerationParams(max_new_tokens=20, method="pid")
+    assert_rows_equal_greedy(tiny_generator, unrelated, params)
+    assert_rows_equal_greedy(tiny_generator, unrelated[1:2], params)
+    assert_rows_equal_greedy(tiny_generator, [[7]], params)
+
+
+def test_rows_that_end_at_once(tiny_generator):
+    prompts = document_prompts(len(tiny_generator.tokenizer), 5, seed=2)
+    assert_rows_equal_greedy(tiny_generator, prompts, GenerationParams(max_new_tokens=1, method="pid"))
+    # EOS as the first token of some rows: make row 0's first greedy token the EOS
+    model = tiny_generator.model
+    first = greedy(tiny_generator, prompts[0], 1).token_ids[0]
+    model.generation_config.eos_token_id = first
+    try:
+        gen = Generator(model, tiny_generator.tokenizer)
+        ours = assert_rows_equal_greedy(gen, prompts, GenerationParams(max_new_tokens=25, method="pid"))
+    finally:
+        model.generation_config.eos_token_id = 0
+    assert ours[0].token_ids == (first,) and ours[0].finish_reason == "stop"
+
+
+def test_stop_strings_per_row(tiny_generator):
+    prompts = document_prompts(len(tiny_generator.tokenizer), 6, seed=3)
+    free = greedy(tiny_generator, prompts[2], 20).text
+    stop = (free[4:6],) if len(free) > 6 else ("e",)
+    assert_rows_equal_greedy(tiny_generator, prompts, GenerationParams(max_new_tokens=30, stop=stop, method="pid"))
+
+
+@pytest.mark.parametrize("copy_k", [4, 16, None])
+def test_pid_llma_rows_equal_greedy_on_tiny_models(tiny_generator, copy_k):
+    prompts = document_prompts(len(tiny_generator.tokenizer), 6, seed=4)
+    # references holding the rows' own greedy answers make long drafts that stand, and
+    # drafts of different lengths per row (rows then keep different cache lengths)
+    answers = [greedy(tiny_generator, p, 30).text for p in prompts[:3]]
+    options = {} if copy_k is None else {"copy_k": copy_k}
+    params = GenerationParams(max_new_tokens=30, method="pid-llma", options=options)
+    ours = assert_rows_equal_greedy(tiny_generator, prompts, params, references=answers)
+    assert sum(g.stats.accepted_tokens for g in ours) > 0  # the copy path is really exercised
+
+
+def test_stream_interleaves_rows_and_adds_up(tiny_generator):
+    prompts = document_prompts(len(tiny_generator.tokenizer), 4, seed=6)
+    params = GenerationParams(max_new_tokens=12, method="pid")
+    texts, seen, finals = ["", "", "", ""], [], 0
+    for i, chunk in pid_stream(tiny_generator, prompts, params):
+        texts[i] += chunk.text
+        seen.append(i)
+        finals += chunk.finish_reason is not None
+    assert finals == 4 and seen[:4] == [0, 1, 2, 3]
+    assert texts == [g.text for g in pid_generate(tiny_generator, prompts, params)]
+
+
+def test_one_request_by_name_falls_back_to_greedy_and_llma(tiny_generator):
+    prompt = document_prompts(len(tiny_generator.tokenizer), 2, seed=8)[1]
+    expected = greedy(tiny_generator, prompt, 20)
+    for method in ("pid", "pid-llma"):
+        got = tiny_generator.generate(prompt, GenerationParams(max_new_tokens=20, method=method), [expected.text])
+        assert got.token_ids == expected.token_ids
+
+
+def test_unknown_batch_method_is_a_clear_error(tiny_generator):
+    with pytest.raises(ValueError, match="pid decodes rows by"):
+        pid_generate(tiny_generator, [[5, 6]], GenerationParams(method="bild"))
+
+
+@pytest.mark.real_model
+def test_pid_equals_greedy_on_smollm2(smollm2):
+    passage = (
+        "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+        "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+        "from 1887 to 1889. It was the entrance arch to the 1889 World's Fair."
+    )
+    questions = [
+        "Who is the Eiffel Tower named after?",
+        "When was the tower built, and what was it built for? Answer in two full sentences, please.",
+        "Repeat the passage word for word.",
+        "Where?",
+        "Summarize the passage in one sentence.",
+    ]
+    prompts = [smollm2.prompt_ids(f"Passage: {passage}\n\nQuestion: {q}") for q in questions]
+    assert shared_prefix_len(prompts) > 50
+    for method in ("pid", "pid-llma"):
+        params = GenerationParams(max_new_tokens=40, method=method)
+        ours = assert_rows_equal_greedy(smollm2, prompts, params, references=[passage])
+    assert ours[2].stats.accepted_tokens > 10  # the repeated passage is copied
