@@ -241,6 +241,8 @@ def run_chat_bench(data: str | None, json_path: str | None, *, model: str, metho
 
     configure_threads()
     stories = [s for s in read_jsonl(data_dir(data) / "dialogue" / "coqa.jsonl") if len(s["turns"]) >= turns][: limit or None]
+    if not stories:
+        raise ValueError(f"no CoQA story has {turns} turns: ask fewer with --turns")
     specs = _methods(methods)
     generator = Generator.load(model)
     pipeline = RagPipeline(generator)

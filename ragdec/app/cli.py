@@ -98,6 +98,12 @@ def cmd_bench(args) -> int:
 
         run_cache_bench(args.data, args.json)
         return 0
+    if args.workload == "pid":
+        from ragdec.bench.pid import run_pid_bench
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods != DEFAULT_BENCH_METHODS else None
+        run_pid_bench(args.data, args.json, model=args.model, methods=methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
+        return 0
     if args.workload in ("qa", "chat-pipeline"):
         from ragdec.bench import qa
 
@@ -106,7 +112,7 @@ def cmd_bench(args) -> int:
         if args.workload == "qa":
             qa.run_qa_bench(args.data, args.json, k=args.k, **common)
         else:
-            qa.run_chat_bench(args.data, args.json, **common)
+            qa.run_chat_bench(args.data, args.json, turns=args.turns, **common)
         return 0
     from ragdec.bench.harness import BenchConfig, format_table, run_bench
 
@@ -157,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark methods against Hugging Face baselines on one workload")
     bench.add_argument(
         "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat); pipeline workload "
-        "(qa, chat-pipeline: methods greedy,llma by default); or retrieval, or cache"
+        "(qa, chat-pipeline: methods greedy,llma by default); pid (many questions per document); or retrieval, or cache"
     )
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument(
@@ -176,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_knobs(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, default=5, help="qa: passages retrieved per question")
+    bench.add_argument("--turns", type=int, default=5, help="chat-pipeline: questions asked per CoQA story")
     retrieval_bench.add_arguments(bench.add_argument_group("retrieval workload"))
     bench.set_defaults(func=cmd_bench)
 
