@@ -19,7 +19,7 @@ Nothing heavy is imported here; each name loads its module on first use::
 
 from __future__ import annotations
 
-import importlib
+from ragdec import lazy_exports
 
 _EXPORTS = {
     "QACache": "lookup",
@@ -37,8 +37,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'ragdec.cache' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
