@@ -82,7 +82,10 @@ def test_router_keeps_a_forced_method_and_routes_auto():
     assert router.choose("auto", has_references=True) == "llma"
     assert router.choose("auto", has_references=False) == "greedy"
     assert router.choose("auto", True, group_size=3) == "llma"  # no batch method offered
-    assert router.choose("auto", True, group_size=3, batch_methods=frozenset({"pid"})) == "pid"
+    both = frozenset({"pid", "pid-llma"})
+    assert router.choose("auto", True, group_size=3, batch_methods=both) == "pid-llma"
+    assert router.choose("auto", False, group_size=3, batch_methods=both) == "pid"
+    assert router.choose("auto", True, group_size=1, batch_methods=both) == "llma"
 
 
 # ---- kept prefixes in the decoder ---------------------------------------------------------
@@ -270,3 +273,39 @@ def test_chat_command_keeps_turns_and_knows_its_commands(store, capsys, monkeypa
     assert code == 0, err
     assert "[1]" in out  # /sources listed the passage
     assert "unknown command /nope" in err and "conversation forgotten" in err
+
+
+def test_questions_about_one_document_are_answered_together_by_pid(smollm2):
+    story = ("The lighthouse keeper, Ada Brook, lit the lamp every evening at seven. She lived on Gull Island "
+             "with a grey cat called Pepper and kept a logbook of every ship that passed.")
+    head = [{"role": "system", "content": f"Answer the question from this document.\n\n{story}"}]
+    questions = ["Who lit the lamp?", "What was the cat called?", "Where did she live?"]
+    pipeline = RagPipeline(smollm2)
+    params = GenerationParams(max_new_tokens=24, method="auto")
+    requests = [Request([*head, {"role": "user", "content": q}], (story,), params) for q in questions]
+    other = Request([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], (), params)
+    assert pipeline._groups([requests[0], requests[1], other, requests[2]]) == [[0, 1, 3], [2]]
+    together = collect(pipeline, requests)
+    alone = [collect(pipeline, [r])[0] for r in requests]
+    assert [a.info.method for a in together] == ["pid-llma"] * 3
+    assert [a.info.method for a in alone] == ["llma"] * 3
+    assert [a.text for a in together] == [a.text for a in alone]
+    # with a store, each question gets passages of its own: no grouping
+    assert RagPipeline(smollm2, retriever=object())._groups(requests) == [[0], [1], [2]]
+
+
+def test_ask_several_questions_about_a_document(tmp_path, capsys):
+    from ragdec.app.cli import main
+
+    document = tmp_path / "story.txt"
+    document.write_text("Ada Brook kept the lighthouse on Gull Island. Her grey cat was called Pepper.", encoding="utf-8")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("What was the cat called?\n\nWhere was the lighthouse?\n", encoding="utf-8")
+    code = main(["ask", "Who kept the lighthouse?", "--questions-file", str(questions), "--document", str(document),
+                 "--model", "smollm2-135m-instruct", "--no-cache", "--max-new-tokens", "16"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count("Q: ") == 3 and "Q: Where was the lighthouse?" in out
+    assert err.count("[pid-llma") == 3
+    assert main(["ask", "--no-cache", "--document", str(tmp_path / "missing.txt"), "Why?"]) == 2
+    assert "not found" in capsys.readouterr().err

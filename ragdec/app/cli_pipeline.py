@@ -75,6 +75,24 @@ def print_sources(info, out=None) -> None:
         print(textwrap.indent(textwrap.shorten(source.text, 300, placeholder=" ..."), "    "), file=out)
 
 
+def _report(question: str, text: str, last, args, streamed: bool) -> dict:
+    """Print what follows an answer (the answer itself unless it was streamed); return
+    the answer's JSON record."""
+    if not streamed:
+        print(f"Q: {question}\n{text}")
+    if last.finish_reason == "error":
+        print(f"ragdec: error: {last.info.error}", file=sys.stderr)
+    else:
+        if last.info.sources and not args.no_sources:
+            print("\nSources:")
+            print_sources(last.info)
+        print(stats_line(last), file=sys.stderr)
+    return {
+        "question": question, "answer": text, "finish_reason": last.finish_reason,
+        "info": last.info.as_dict(), "stats": last.stats.as_dict() if last.stats else None,
+    }
+
+
 def _stream_answer(chunks) -> tuple[object, str]:
     """Print chunks as they come; return the last one and the whole text."""
     texts = []
@@ -85,29 +103,65 @@ def _stream_answer(chunks) -> tuple[object, str]:
     return chunk, "".join(texts)
 
 
-def cmd_ask(args) -> int:
+def _questions(args) -> list[str]:
+    """The questions: positional ones, then those of --questions-file (one per line)."""
+    questions = list(args.question)
+    if args.questions_file:
+        from pathlib import Path
+
+        path = Path(args.questions_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--questions-file {path} not found: give a text file with one question per line")
+        questions += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not questions:
+        raise ValueError('no question: ask one, e.g. ragdec ask "Where does the Rhine begin?" --store DIR')
+    return questions
+
+
+def _requests(args, questions: list[str]):
+    """One request per question; with --document, the document is every request's system
+    message and reference, so the questions share it (and PiD can answer them together)."""
     from ragdec.pipelines.types import Request
 
+    head = []
+    references: tuple[str, ...] = ()
+    if args.document:
+        from pathlib import Path
+
+        path = Path(args.document).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--document {path} not found: give a text file to answer from")
+        document = path.read_text(encoding="utf-8", errors="replace").strip()
+        if not document:
+            raise ValueError(f"--document {path} is empty")
+        head = [{"role": "system", "content": f"Answer the question from this document, in one or two sentences.\n\n{document}"}]
+        references = (document,)
+    params = _params(args)
+    return [Request([*head, {"role": "user", "content": q}], references, params) for q in questions]
+
+
+def cmd_ask(args) -> int:
+    questions = _questions(args)
+    requests = _requests(args, questions)
     pipeline = build_pipeline(args)
     results = []
     try:
-        params = _params(args)
-        for question in args.question:
-            request = Request([{"role": "user", "content": question}], params=params)
-            if len(args.question) > 1:
-                print(f"Q: {question}")
-            last, text = _stream_answer(pipeline.stream([request]))
-            if last.finish_reason == "error":
-                print(f"ragdec: error: {last.info.error}", file=sys.stderr)
-                return 2
-            if last.info.sources and not args.no_sources:
-                print("\nSources:")
-                print_sources(last.info)
-            print(stats_line(last), file=sys.stderr)
-            results.append({
-                "question": question, "answer": text, "finish_reason": last.finish_reason,
-                "info": last.info.as_dict(), "stats": last.stats.as_dict() if last.stats else None,
-            })
+        if len(requests) > 1 and args.document is not None:
+            # questions about one document go in one batch (PiD); their answers come
+            # interleaved, so each is printed whole when it ends
+            texts: dict[int, list[str]] = {i: [] for i in range(len(requests))}
+            for chunk in pipeline.stream(requests):
+                texts[chunk.index].append(chunk.text)
+                if chunk.finish_reason is not None:
+                    results.append(_report(questions[chunk.index], "".join(texts[chunk.index]), chunk, args, streamed=False))
+        else:
+            for i, request in enumerate(requests):
+                if len(requests) > 1:
+                    print(f"Q: {questions[i]}")
+                last, text = _stream_answer(pipeline.stream([request]))
+                results.append(_report(questions[i], text, last, args, streamed=True))
+        if any(r["finish_reason"] == "error" for r in results):
+            return 2
     finally:
         if pipeline.cache is not None:
             pipeline.cache.close()
@@ -180,7 +234,10 @@ def _add_common(parser) -> None:
 def register(subparsers) -> None:
     """Add ``ask`` and ``chat`` to an argparse subparsers object."""
     ask = subparsers.add_parser("ask", help="answer questions over a document store, with sources and stats")
-    ask.add_argument("question", nargs="+", help="one or more questions")
+    ask.add_argument("question", nargs="*", help="one or more questions")
+    ask.add_argument("--questions-file", metavar="F", help="more questions, one per line")
+    ask.add_argument("--document", metavar="F", help="answer from this text file (instead of, or besides, --store); "
+                     "several questions about it are answered in one batch (PiD)")
     _add_common(ask)
     ask.add_argument("--no-sources", action="store_true", help="do not list the passages")
     ask.add_argument("--json", metavar="PATH", help="write answers, sources and stats as JSON")

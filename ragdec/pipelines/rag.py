@@ -18,6 +18,7 @@ question is rewritten with its context for retrieval.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
@@ -27,6 +28,8 @@ from ragdec.decoding.methods import GenerationParams
 from .prompts import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, RequestError, Source, build_prompt, fit_sources, retrieval_query, split_messages, user_message
 from .router import Router
 from .types import AUTO, AnswerInfo, Chunk, Request
+
+BATCH_METHODS = frozenset({"pid", "pid-llma"})  # methods that answer a group of requests at once
 
 
 @dataclass
@@ -66,8 +69,31 @@ class RagPipeline:
         return f"{manifest.generation}@{manifest.updated_at}" if manifest is not None else ""
 
     def stream(self, requests: Sequence[Request]) -> Iterator[Chunk]:
-        for index, request in enumerate(requests):
-            yield from self._answer(index, request)
+        for group in self._groups(requests):
+            if len(group) > 1:
+                yield from self._answer_group(group, [requests[i] for i in group])
+            else:
+                yield from self._answer(group[0], requests[group[0]])
+
+    def _groups(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Indices of the requests answered together, in order of first appearance: those
+        sharing everything but the question (system prompt with its document, history,
+        references, params) that leave the method to the router or ask for PiD. Only
+        without a store: retrieval gives each question passages of its own.
+
+        Example: [doc+q1, doc+q2, other+q3, doc+q4] -> [[0, 1, 3], [2]].
+        """
+        groups: dict[object, list[int]] = {}
+        for i, request in enumerate(requests):
+            params = request.params
+            key: object = ("alone", i)
+            if self.retriever is None and len(request.messages) > 1 and params.method in (AUTO, *BATCH_METHODS):
+                key = json.dumps(
+                    [[dict(m) for m in request.messages[:-1]], list(request.references), params.max_new_tokens,
+                     list(params.stop), params.method, dict(params.options)], sort_keys=True, default=str,
+                )
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
 
     # ---- one request ------------------------------------------------------------------
 
@@ -150,6 +176,52 @@ class RagPipeline:
         answer = "".join(texts).strip()
         if self.cache is not None and standalone and settings.cache_answers and answer and chunk.finish_reason == "stop":
             self.cache.put(question, answer, model=self.generator.name, store_version=self.store_version)
+
+    # ---- a group sharing one document: PiD ----------------------------------------------
+
+    def _answer_group(self, indices: list[int], requests: list[Request]) -> Iterator[Chunk]:
+        """Answer requests that share all but the question in one PiD batch: the shared
+        prompt prefix (system prompt, document, history) is prefilled once and every answer
+        decodes in the same forwards; each row equals what answering it alone gives."""
+        from ragdec.decoding.pid import pid_stream
+
+        started = time.perf_counter()
+        rows: list[tuple[int, object]] = []  # (request index, Prompt)
+        history: list = []
+        for index, request in zip(indices, requests):
+            try:
+                system, history, question = split_messages(request.messages)
+                limit = self._prompt_limit(request.params.max_new_tokens)
+                rows.append((index, build_prompt(
+                    self._template, system or self.settings.plain_system_prompt, history, question, limit,
+                )))
+            except RequestError as error:
+                yield _error(index, str(error))
+        if not rows:
+            return
+        first = requests[0]
+        references = list(first.references) + [m["content"] for m in history]
+        method = self.router.choose(first.params.method, bool(references), len(rows), BATCH_METHODS)
+        first_text_at: dict[int, float] = {}
+        try:
+            chunks = pid_stream(self.generator, [prompt.token_ids for _, prompt in rows], replace(first.params, method=method), references)
+            for row, chunk in chunks:
+                index, prompt = rows[row]
+                if chunk.text and index not in first_text_at:
+                    first_text_at[index] = time.perf_counter()
+                if chunk.finish_reason is None:
+                    if chunk.text:
+                        yield Chunk(index, chunk.text)
+                    continue
+                seconds = time.perf_counter() - started
+                info = AnswerInfo(
+                    method, "off", (), seconds, ttft_s=first_text_at.get(index, time.perf_counter()) - started,
+                    tokens_per_s=chunk.stats.new_tokens / seconds if seconds > 0 else 0.0, dropped_turns=prompt.dropped_turns,
+                )
+                yield Chunk(index, chunk.text, chunk.finish_reason, chunk.stats, info)
+        except ValueError as error:  # a prompt over the model's context, a bad option
+            for index, _ in rows:
+                yield _error(index, str(error))
 
     # ---- helpers ----------------------------------------------------------------------
 

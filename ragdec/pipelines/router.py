@@ -17,7 +17,8 @@ from .types import AUTO
 class Router:
     default: str = "greedy"  # for requests with nothing to copy
     with_references: str = "llma"
-    shared_document: str = "pid"  # for a group of requests sharing their references
+    shared_document: str = "pid"  # for a group of requests sharing a document...
+    shared_document_with_references: str = "pid-llma"  # ...that rows can also copy from
 
     def choose(self, method: str, has_references: bool, group_size: int = 1, batch_methods: frozenset[str] = frozenset()) -> str:
         """The method for one request.
@@ -32,8 +33,10 @@ class Router:
         """
         if method != AUTO:
             return method
-        if group_size > 1 and self.shared_document in batch_methods:
-            return self.shared_document
+        if group_size > 1:
+            batch = self.shared_document_with_references if has_references else self.shared_document
+            if batch in batch_methods:
+                return batch
         if has_references:
             return self.with_references
         return self.default
