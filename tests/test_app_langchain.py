@@ -1,0 +1,194 @@
+"""The LangChain classes pass langchain-tests' standard suites on real small models
+(smollm2-135m-instruct answering over an all-minilm-l6-v2 store), and a RAG chain runs."""
+
+from __future__ import annotations
+
+import pytest
+from app_fixtures import STORE_QUESTION, build_store
+from langchain_core.messages import HumanMessage
+from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests, RetrieversIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests
+from test_retrieval_fixtures import minilm
+
+from ragdec.app.langchain import ChatRagdec, RagdecEmbeddings, RagdecLLM, RagdecRetriever, to_openai_messages
+
+CHAT_MODEL = "smollm2-135m-instruct"
+NO_TOOLS = "ragdec models answer in text: no tool calling, structured output or JSON mode"
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> str:
+    return str(build_store(tmp_path_factory.mktemp("lc")))
+
+
+class RagdecChatParams:
+    """What the chat suites share: a small model over the store, short answers, no tools."""
+
+    @pytest.fixture(autouse=True)
+    def _store(self, store_dir):
+        type(self).store = store_dir
+
+    store: str = ""
+
+    @property
+    def chat_model_class(self):
+        return ChatRagdec
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"model": CHAT_MODEL, "store": self.store or None, "k": 1}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False  # NO_TOOLS
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False  # NO_TOOLS
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return False  # NO_TOOLS
+
+    @property
+    def supports_model_override(self) -> bool:
+        return False  # each ChatRagdec holds one loaded model; another model is another instance
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False  # text-only models
+
+
+class TestChatRagdecUnit(RagdecChatParams, ChatModelUnitTests):
+    pass
+
+
+class TestChatRagdecIntegration(RagdecChatParams, ChatModelIntegrationTests):
+
+    @property
+    def chat_model_params(self) -> dict:
+        # short answers keep the suite fast (the unit suite passes its own max_tokens)
+        return {**super().chat_model_params, "max_tokens": 10}
+
+
+class TestRagdecRetriever(RetrieversIntegrationTests):
+    @pytest.fixture(autouse=True)
+    def _store(self, store_dir):
+        type(self).store = store_dir
+
+    store: str = ""
+
+    @property
+    def retriever_constructor(self):
+        return RagdecRetriever
+
+    @property
+    def retriever_constructor_params(self) -> dict:
+        return {"store": self.store, "k": 2}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return STORE_QUESTION
+
+
+class TestRagdecEmbeddingsUnit(EmbeddingsUnitTests):
+    @property
+    def embeddings_class(self):
+        return RagdecEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict:
+        return {"model": minilm()}
+
+
+class TestRagdecEmbeddingsIntegration(EmbeddingsIntegrationTests):
+    @property
+    def embeddings_class(self):
+        return RagdecEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict:
+        return {"model": minilm()}
+
+
+# ---- beyond the suites ---------------------------------------------------------------------
+
+
+def test_temperature_above_zero_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="decodes greedily"):
+        ChatRagdec(model=CHAT_MODEL, temperature=0.7)
+    ChatRagdec(model=CHAT_MODEL, temperature=0)  # 0 and None are fine
+
+
+def test_messages_merge_consecutive_roles_and_refuse_non_text():
+    from langchain_core.messages import AIMessage, SystemMessage, ToolMessage
+
+    merged = to_openai_messages([SystemMessage("a"), SystemMessage("b"), HumanMessage("hi"), AIMessage("yo"), HumanMessage("?")])
+    assert merged == [{"role": "system", "content": "a\n\nb"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
+    with pytest.raises(ValueError, match="no tool calling"):
+        to_openai_messages([ToolMessage("3", tool_call_id="x")])
+    with pytest.raises(ValueError, match="text only"):
+        to_openai_messages([HumanMessage([{"type": "image", "url": "http://x/y.png"}])])
+
+
+def test_streamed_tokens_reach_the_callback_and_metadata_carries_sources(store_dir):
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Tokens(BaseCallbackHandler):
+        def __init__(self):
+            self.tokens = []
+
+        def on_llm_new_token(self, token, **kwargs):
+            self.tokens.append(token)
+
+    handler = Tokens()
+    chat = ChatRagdec(model=CHAT_MODEL, store=store_dir, k=2, max_tokens=12, method="llma")
+    message = chat.invoke(STORE_QUESTION, config={"callbacks": [handler]})
+    assert handler.tokens and "".join(handler.tokens) == message.content
+    ragdec = message.response_metadata["ragdec"]
+    assert ragdec["method"] == "llma" and any(s["title"] == "Nikola Tesla" for s in ragdec["sources"])
+    assert ragdec["stats"]["new_tokens"] == message.usage_metadata["output_tokens"]
+    greedy = ChatRagdec(model=CHAT_MODEL, store=store_dir, k=2, max_tokens=12, method="greedy").invoke(STORE_QUESTION)
+    assert greedy.content == message.content  # the copy decoder is lossless
+
+
+def test_stop_timeout_and_wrong_model_say_what_happened():
+    chat = ChatRagdec(model=CHAT_MODEL, max_tokens=10)
+    full = chat.invoke("Count from one to ten.").content
+    stop = full.split()[2]  # a word inside the answer
+    cut = chat.invoke("Count from one to ten.", stop=[stop]).content
+    assert cut == full[: full.index(stop)] and len(cut) < len(full)
+    with pytest.raises(TimeoutError, match="raise the timeout"):
+        ChatRagdec(model=CHAT_MODEL, max_tokens=10, timeout=0.0).invoke("Count from one to ten.")
+    with pytest.raises(ValueError, match="make another ChatRagdec"):
+        chat.invoke("hi", model="another-model")
+
+
+def test_llm_wrapper_streams_the_chat_models_answer():
+    llm = RagdecLLM(model=CHAT_MODEL, max_tokens=8)
+    chat = ChatRagdec(model=CHAT_MODEL, max_tokens=8)
+    text = llm.invoke("Name a planet.")
+    assert text and text == chat.invoke("Name a planet.").content
+    assert "".join(llm.stream("Name a planet.")) == text
+    assert llm._identifying_params["model_name"] == CHAT_MODEL
+
+
+def test_rag_chain_over_a_ragdec_store(store_dir):
+    """The README's example: retriever -> prompt -> chat model -> text."""
+    from langchain_core.output_parsers import StrOutputParser
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnablePassthrough
+
+    retriever = RagdecRetriever(store=store_dir, k=2)
+    prompt = ChatPromptTemplate.from_messages([
+        ("system", "Answer from the context in one sentence.\n\nContext:\n{context}"),
+        ("human", "{question}"),
+    ])
+
+    def join(docs):
+        return "\n\n".join(doc.page_content for doc in docs)
+
+    chain = {"context": retriever | join, "question": RunnablePassthrough()} | prompt | ChatRagdec(model=CHAT_MODEL, max_tokens=12) | StrOutputParser()
+    answer = chain.invoke(STORE_QUESTION)
+    assert isinstance(answer, str) and answer.strip()
