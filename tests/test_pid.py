@@ -133,3 +133,27 @@ def test_pid_equals_greedy_on_smollm2(smollm2):
         params = GenerationParams(max_new_tokens=40, method=method)
         ours = assert_rows_equal_greedy(smollm2, prompts, params, references=[passage])
     assert ours[2].stats.accepted_tokens > 10  # the repeated passage is copied
+
+
+def test_bench_methods_answer_like_greedy(tiny_generator):
+    from ragdec.bench.pid import KNOWN_METHODS, _answer, load_documents
+
+    documents = load_documents(None, limit=2)
+    assert [d.dataset for d in documents] == ["squad", "squad", "coqa", "coqa"]
+    assert len(documents[0].questions) >= len(documents[1].questions) and len(documents[2].questions) >= 10
+    prompts = document_prompts(len(tiny_generator.tokenizer), 4, seed=9)
+    expected = [greedy(tiny_generator, p, 12).token_ids for p in prompts]
+    document = tiny_generator.decode_text(prompts[0][:60])
+    for method in KNOWN_METHODS:
+        assert _answer(method, tiny_generator, prompts, document, 12) == expected, method
+
+
+def test_batch_draft_width_docstring_example():
+    from ragdec.decoding.cost import ForwardCost
+    from ragdec.decoding.pid import BatchDraftWidth
+
+    policy = BatchDraftWidth(ForwardCost((0.2,) * 4 + (0.6,) * 13))
+    assert (policy.seconds(4), policy.seconds(28)) == (0.2, 0.6)
+    assert policy.width([0, 0, 0, 6]) == 0
+    assert policy.width([6, 6, 6, 6]) == 6  # 4 * 4.46 tokens in 0.6 s beats 4 in 0.2 s
+    assert BatchDraftWidth(None).width([0, 3, 1]) == 3  # no cost curve: drafts go whole

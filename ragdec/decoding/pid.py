@@ -147,6 +147,57 @@ def share_prefix(cache, batch_size: int, share: str = "view"):
     return cache
 
 
+class BatchDraftWidth:
+    """How many draft tokens the batch verifies in a step; longer drafts are cut to it.
+
+    Each row's drafter picks its draft length for a lone request, but in a batch every
+    row pays for the widest draft: a forward over B rows of 1 + W tokens costs about what
+    one over B * (1 + W) tokens does (``ForwardCost`` measured at batch 1, extrapolated
+    linearly past its longest draft). The width kept is the one with the most expected
+    tokens per second, with each draft token standing with the batch's pooled acceptance
+    rate p (accepted tokens against drafts cut short, prior 3:1) until the first miss.
+
+    Example: 4 rows drafting [0, 0, 0, 6], p = 0.75, seconds(4 tokens) = 0.20,
+    seconds(28 tokens) = 0.60: W = 0 gives 4 tokens in 0.20 s (20/s); W = 6 gives
+    4 + (0.75 + ... + 0.75^6) = 6.46 tokens in 0.60 s (10.8/s), so the draft is not sent.
+    """
+
+    PRIOR_ACCEPTED, PRIOR_REJECTED = 3.0, 1.0
+
+    def __init__(self, cost):
+        self.cost = cost  # ForwardCost | None: None verifies every draft whole
+        self.accepted = self.PRIOR_ACCEPTED
+        self.rejected = self.PRIOR_REJECTED
+
+    def seconds(self, tokens: int) -> float:
+        """Estimated time of a forward over ``tokens`` new tokens."""
+        curve = self.cost.seconds
+        k = tokens - 1
+        if k <= self.cost.max_draft:
+            return curve[k]
+        half = self.cost.max_draft // 2
+        slope = (curve[-1] - curve[half]) / max(1, self.cost.max_draft - half)
+        return curve[-1] + slope * (k - self.cost.max_draft)
+
+    def width(self, draft_lens: Sequence[int]) -> int:
+        widest = max(draft_lens)
+        if self.cost is None or widest == 0:
+            return widest
+        p = self.accepted / (self.accepted + self.rejected)
+        rows = len(draft_lens)
+        best_width, best_rate = 0, rows / self.seconds(rows)
+        for width in sorted(set(draft_lens) - {0}):
+            expected = sum(1 + sum(p**j for j in range(1, min(width, k) + 1)) for k in draft_lens)
+            rate = expected / self.seconds(rows * (1 + width))
+            if rate > best_rate:
+                best_width, best_rate = width, rate
+        return best_width
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.accepted += accepted
+        self.rejected += accepted < drafted
+
+
 @dataclass
 class _Row:
     """One question's decoding state."""
@@ -222,6 +273,8 @@ def pid_stream(
         reused = prefix_len if i > 0 else 0
         rows.append(_Row(i, list(prompt), len(prompt), drafter, acceptance, TextStream(detokenize, params.stop), reused))
 
+    # LLMA drafters with the cost model (no fixed copy_k) carry the machine's cost curve
+    batch_width = BatchDraftWidth(getattr(rows[0].drafter, "cost", None))
     start = time.perf_counter()
     with torch.inference_mode():
         # 1. prefill the shared prefix once, at batch size 1
@@ -269,6 +322,8 @@ def pid_stream(
             for row in rows:
                 room = stop.max_new_tokens - len(row.generated) - 1
                 drafts.append(row.drafter.propose(row.tokens, room) if room > 0 else [])
+            width = batch_width.width([len(d) for d in drafts])
+            drafts = [d[:width] for d in drafts]
             # 4. verify every row's [last, *draft], right-padded to the longest draft
             logits = _verify_batch(model, cache, rows, drafts, prefix_len, valid)
             # 5. accept per row: its exact-match draft prefix, then the target's own token
@@ -279,6 +334,8 @@ def pid_stream(
                 row.forward_passes += 1
                 row.drafted += len(draft)
                 row.accepted += len(accepted) - 1
+                if draft:
+                    batch_width.observe(len(draft), len(accepted) - 1)
                 row.new_block = accepted
             # 6. crop: a row's cache keeps its last token and accepted draft; columns past
             #    the longest acceptance go, shorter rows mask theirs
