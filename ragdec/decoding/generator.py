@@ -116,7 +116,10 @@ class Generator:
         stop = StopCondition(self.eos_token_ids, tuple(params.stop), params.max_new_tokens)
         text = TextStream(self.decode_text, params.stop)
         prefixes = self.prefixes if prefix_len > 0 else None
-        blocks = decode(self.model, prompt_ids, drafter, acceptance, stop, self.decode_text, prefixes, prefix_len)
+        # a drafter that runs part of the target itself (FREE's shallow layers) brings the
+        # target that shares its cache: the verify then skips what the drafter computed
+        model = getattr(drafter, "target", self.model)
+        blocks = decode(model, prompt_ids, drafter, acceptance, stop, self.decode_text, prefixes, prefix_len)
         for block in blocks:
             final = block.finish_reason is not None
             yield TextChunk(text.push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats)

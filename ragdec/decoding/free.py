@@ -1,0 +1,421 @@
+"""FREE: early exit from the first layers, synchronized parallel decoding, an adaptive threshold.
+
+One model, no second set of weights (Bae et al., 2023, "Fast and Robust Early-Exiting
+Framework for Autoregressive Language Models with Synchronized Parallel Decoding"):
+
+- The *shallow model* is the first ``exit_layer`` layers plus an exit head (a small
+  trained adapter, then the model's own final norm and LM head); the *deep model* is all
+  layers. ``ShallowDeep`` runs both on the HF model's own layers and one ``DynamicCache``,
+  so layer i's KV for every position lives in the cache's layer i, whichever pass wrote it.
+- Tokens whose shallow confidence (top softmax probability) reaches ``exit_threshold``
+  leave after the shallow layers; their exit-layer hidden states are *stacked*. The next
+  token that does not exit runs the deep layers over the whole stack in one pass, which
+  writes the stacked tokens' real deep-layer keys and values (no state copying), and the
+  shallow layers' KV is never recomputed.
+
+It fits the draft-and-verify seam with ``ShallowDeep`` standing in for the target model:
+the drafter (``ShallowExitDrafter``) proposes the exited tokens, running only the shallow
+layers; the loop's verify over ``[last, *draft]`` then reaches ``ShallowDeep.__call__``,
+which takes the stacked hidden states instead of recomputing the first layers and runs
+only the deep layers. Two acceptance rules (``FreeAcceptance``):
+
+- ``free`` (lossy, the paper's): the exited tokens stand as the shallow head emitted them;
+  the deep pass gives the stack its deep KV and the next token.
+- ``free-lossless`` (self-speculative): the deep pass verifies the stack; the longest
+  prefix equal to the deep argmax stands, plus the deep model's own next token, and the
+  cache is cropped. Output equals plain greedy token for token.
+
+Either way each deep pass yields, for free, pairs (shallow confidence, shallow and deep
+agree) at every stacked position; ``ExitThreshold`` fits a Beta mixture to them and moves
+``exit_threshold`` (see there).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Sequence
+
+from .greedy import ExactMatch
+from .methods import register_method
+
+
+@dataclass(frozen=True)
+class FreeConfig:
+    exit_layer: int | None = None  # layers in the shallow model; None: half the depth
+    exit_threshold: float = 0.9  # shallow confidence needed to exit; the start value when adaptive
+    adaptive: bool = True  # move exit_threshold with the Beta mixture fitted to the deep passes' pairs
+    agree_posterior: float = 0.9  # adaptive: exit where P(shallow agrees with deep | confidence) reaches this
+    max_stack: int = 16  # most tokens stacked before a deep pass is forced
+    adapter: str | None = None  # adapter file; None: $RAGDEC_HOME/free/<model>/layer<L>.safetensors if saved
+
+
+def free_config(options) -> FreeConfig:
+    known = FreeConfig.__dataclass_fields__
+    unknown = set(options) - set(known)
+    if unknown:
+        raise ValueError(f"unknown free option(s) {sorted(unknown)}; options: {', '.join(known)}")
+    values = dict(options)
+    for name in ("exit_layer", "max_stack"):
+        if values.get(name) is not None:
+            values[name] = int(values[name])
+    for name in ("exit_threshold", "agree_posterior"):
+        if values.get(name) is not None:
+            values[name] = float(values[name])
+    if isinstance(values.get("adaptive"), (str, int)):
+        values["adaptive"] = str(values["adaptive"]).lower() in ("1", "true", "yes")
+    return FreeConfig(**values)
+
+
+# ---- the shallow-deep module -------------------------------------------------------------
+
+
+def exit_adapter(hidden_size: int, rank: int = 64):
+    """The exit head's trainable part: ``h + up(down(h))``, a low-rank residual on the
+    exit layer's hidden state. ``up`` starts at zero, so an untrained adapter is the
+    identity and the exit head is the naive one (final norm + LM head on layer L)."""
+    import torch
+    from torch import nn
+
+    class ExitAdapter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Linear(hidden_size, rank, bias=False)
+            self.up = nn.Linear(rank, hidden_size, bias=False)
+            nn.init.zeros_(self.up.weight)
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return hidden + self.up(self.down(hidden))
+
+    return ExitAdapter()
+
+
+def safe_model_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.strip("/")) or "model"
+
+
+def adapter_path(model_name: str, exit_layer: int) -> Path:
+    """Where ``ragdec free calibrate`` saves the adapter of a model at an exit layer."""
+    from .zoo import ragdec_home
+
+    return ragdec_home() / "free" / safe_model_name(model_name) / f"layer{exit_layer}.safetensors"
+
+
+def load_adapter(path: Path, hidden_size: int, dtype=None):
+    """An adapter from a safetensors file saved by calibration (its rank read from the file)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    adapter = exit_adapter(hidden_size, rank=state["down.weight"].shape[0])
+    adapter.load_state_dict(state)
+    return adapter.to(dtype) if dtype is not None else adapter
+
+
+class ShallowDeep:
+    """A Qwen2/Llama-family causal LM split at ``exit_layer``, both halves on one cache.
+
+    Called like the model (``input_ids``, ``past_key_values``, ``logits_to_keep``), it is
+    the deep model, except that the first ``len(stack_ids)`` input tokens must be the
+    stacked ones: their exit-layer hidden states are taken from the stack, only the rest
+    run the shallow layers, then all run the deep layers. With nothing stacked it is the
+    plain model (the prefill).
+
+    Example: prompt of 10 tokens prefilled (every layer holds positions 0..9); the last
+    token t10 and drafts d1, d2 run the shallow layers one at a time (layers < L now hold
+    0..12, layers >= L still 0..9); the verify ``model([t10, d1, d2])`` runs layers >= L
+    once over the three stacked hidden states, at positions 10..12.
+    """
+
+    def __init__(self, model, exit_layer: int, adapter=None):
+        base = getattr(model, "model", None)
+        if base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
+            raise ValueError("FREE needs a Qwen2/Llama-family causal LM (model.model.layers, model.lm_head)")
+        if any(t != "full_attention" for t in getattr(model.config, "layer_types", None) or ()):
+            raise ValueError("FREE supports full-attention layers only (no sliding window)")
+        depth = len(base.layers)
+        if not 0 < exit_layer < depth:
+            raise ValueError(f"exit_layer must be between 1 and {depth - 1} for this {depth}-layer model, got {exit_layer}")
+        self.model = model
+        self.config = model.config
+        self.exit_layer = exit_layer
+        self.adapter = adapter
+        self.stack_ids: list[int] = []  # tokens that ran the shallow layers only, in order
+        self._stack_hidden: list = []  # their exit-layer hidden states, [1, 1, hidden] each
+        self.cache = None  # the cache of the current request (the last one called with)
+        self.shallow_passes = 0  # single-token shallow forwards (the drafter's)
+
+    # 1. the layers, on a slice of the stack of layers and the part of the cache they own
+    def _run_layers(self, hidden, start: int, stop: int):
+        """Run layers ``start..stop-1`` over ``hidden`` [1, q, hidden_size], appending to
+        their cache at the positions that follow what layer ``start`` holds."""
+        import torch
+        from transformers.masking_utils import create_causal_mask
+
+        base, cache = self.model.model, self.cache
+        past = cache.get_seq_length(start)
+        positions = torch.arange(past, past + hidden.shape[1]).unsqueeze(0)  # [1, q]
+        mask = create_causal_mask(self.config, hidden, None, cache, positions, layer_idx=start)
+        rotary = base.rotary_emb(hidden, positions)
+        for layer in base.layers[start:stop]:
+            hidden = layer(
+                hidden, attention_mask=mask, position_embeddings=rotary, position_ids=positions,
+                past_key_values=cache, use_cache=True,
+            )
+        return hidden
+
+    def shallow(self, input_ids):
+        """Exit-layer hidden states of ``input_ids`` [1, q]: [1, q, hidden_size]."""
+        return self._run_layers(self.model.model.embed_tokens(input_ids), 0, self.exit_layer)
+
+    def exit_logits(self, hidden):
+        """The exit head: adapter, final norm, LM head. [1, q, hidden] -> [1, q, vocab]."""
+        if self.adapter is not None:
+            hidden = self.adapter(hidden)
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    def shallow_step(self, token: int):
+        """Run one token through the shallow layers and stack it; return its exit logits, [vocab]."""
+        import torch
+
+        hidden = self.shallow(torch.tensor([[token]], dtype=torch.long))
+        self.stack_ids.append(token)
+        self._stack_hidden.append(hidden)
+        self.shallow_passes += 1
+        return self.exit_logits(hidden)[0, -1]
+
+    def __call__(self, input_ids, past_key_values, use_cache: bool = True, logits_to_keep: int = 0, **kwargs):
+        """The deep model over ``input_ids``, reusing the stack (see the class docstring)."""
+        import torch
+
+        if past_key_values is not self.cache:
+            if self.stack_ids:
+                raise RuntimeError("FREE: a new cache while tokens are stacked on another one")
+            self.cache = past_key_values
+        stacked = len(self.stack_ids)
+        ids = input_ids[0].tolist()
+        if ids[:stacked] != self.stack_ids:
+            raise RuntimeError(f"FREE: the verify's tokens {ids[:stacked]} are not the stacked ones {self.stack_ids}")
+        parts = list(self._stack_hidden)
+        if len(ids) > stacked:  # tokens not yet through the shallow layers (prefill; a draft's last)
+            parts.append(self.shallow(input_ids[:, stacked:]))
+        self.stack_ids, self._stack_hidden = [], []
+        hidden = self._run_layers(torch.cat(parts, dim=1), self.exit_layer, len(self.model.model.layers))
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return SimpleNamespace(logits=self.model.lm_head(self.model.model.norm(hidden)))
+
+
+# ---- the adaptive threshold ----------------------------------------------------------------
+
+
+class ExitThreshold:
+    """``exit_threshold``, moved by a Beta mixture fitted online to (confidence, agree) pairs.
+
+    Every deep pass tells, for each stacked position and for the token that stopped the
+    stack, whether the shallow head's argmax equals the deep model's: a labelled pair
+    (c, agree) at no extra cost. The confidences of agreeing and disagreeing positions
+    are each modelled as a Beta distribution (fitted by moments: mean m, variance v give
+    a = m * s, b = (1 - m) * s with s = m (1 - m) / v - 1), mixed with weight pi = the
+    share of agreeing pairs. The threshold becomes the smallest confidence c (on a grid
+    of 0.01) from which on the posterior
+
+        P(agree | c) = pi Beta(c; a1, b1) / (pi Beta(c; a1, b1) + (1 - pi) Beta(c; a0, b0))
+
+    stays at or above ``agree_posterior`` up to 1, floored at 0.5 (below it the argmax is
+    not even a majority) and 1.0 when no such c exists (then nothing exits, but the pair of
+    every non-exiting token still comes in, so the fit can recover).
+
+    Start value: the ``exit_threshold`` option (0.9). Update rule: statistics decay by
+    ``decay`` per pair (a memory of about 500 pairs, so the threshold follows the
+    workload), and the threshold is refitted every ``refit_every`` pairs once there are
+    ``min_pairs`` of them with at least 3 of each kind.
+
+    Example: agreeing confidences around 0.9 (mean 0.9, var 0.004), disagreeing around
+    0.4 (mean 0.4, var 0.02), pi = 0.7, agree_posterior 0.9: the posterior is 0.60 at
+    c = 0.7 and 0.91 at 0.75, so tokens with shallow confidence from 0.75 on exit.
+    """
+
+    GRID = [i / 100 for i in range(50, 101)]
+    FLOOR = 0.5
+
+    def __init__(self, start: float, adaptive: bool = True, agree_posterior: float = 0.9,
+                 min_pairs: int = 32, refit_every: int = 8, decay: float = 0.998):
+        self.value = start
+        self.adaptive = adaptive
+        self.agree_posterior = agree_posterior
+        self.min_pairs = min_pairs
+        self.refit_every = refit_every
+        self.decay = decay
+        # per class (0: disagree, 1: agree): weighted count, sum of c, sum of c^2
+        self._n = [0.0, 0.0]
+        self._s1 = [0.0, 0.0]
+        self._s2 = [0.0, 0.0]
+        self._seen = 0
+        self.pairs = 0  # pairs observed in all
+        self.agreements = 0
+
+    def observe(self, confidence: float, agree: bool) -> None:
+        self.pairs += 1
+        self.agreements += bool(agree)
+        if not self.adaptive:
+            return
+        c = min(max(float(confidence), 1e-4), 1 - 1e-4)
+        for k in (0, 1):
+            self._n[k] *= self.decay
+            self._s1[k] *= self.decay
+            self._s2[k] *= self.decay
+        k = int(bool(agree))
+        self._n[k] += 1
+        self._s1[k] += c
+        self._s2[k] += c * c
+        self._seen += 1
+        if self._seen >= self.min_pairs and self._seen % self.refit_every == 0 and min(self._n) >= 3:
+            self.value = self.fit()
+
+    @staticmethod
+    def beta_moments(mean: float, var: float) -> tuple[float, float]:
+        var = max(var, 1e-6)
+        spread = max(mean * (1 - mean) / var - 1, 1e-3)
+        return mean * spread, (1 - mean) * spread
+
+    @staticmethod
+    def log_beta_pdf(c: float, a: float, b: float) -> float:
+        return (a - 1) * math.log(c) + (b - 1) * math.log(1 - c) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+
+    def posterior(self, c: float) -> float:
+        """P(agree | confidence c) under the current fit."""
+        pi = self._n[1] / (self._n[0] + self._n[1])
+        log_p = []
+        for k, weight in ((0, 1 - pi), (1, pi)):
+            mean = self._s1[k] / self._n[k]
+            a, b = self.beta_moments(mean, self._s2[k] / self._n[k] - mean * mean)
+            log_p.append(math.log(max(weight, 1e-12)) + self.log_beta_pdf(min(max(c, 1e-4), 1 - 1e-4), a, b))
+        return 1 / (1 + math.exp(min(log_p[0] - log_p[1], 700)))
+
+    def fit(self) -> float:
+        threshold = 1.0
+        for c in reversed(self.GRID):
+            if self.posterior(c) < self.agree_posterior:
+                break
+            threshold = c
+        return max(threshold, self.FLOOR)
+
+
+# ---- drafter and acceptance ------------------------------------------------------------------
+
+
+class ShallowExitDrafter:
+    """Drafts the tokens that exit: runs the shallow model token by token while its
+    confidence reaches the threshold.
+
+    Example: threshold 0.8; after ``last`` the exit head gives (" the", 0.95), then
+    (" cat", 0.88), then (" sat", 0.41): the draft is [" the", " cat"]; ``last``, " the"
+    and " cat" are stacked, and " sat" is left to the deep pass. The pairs (0.95, ...),
+    (0.88, ...), (0.41, ...) wait for the deep pass to say whether each agreed.
+    """
+
+    def __init__(self, shallow_deep: ShallowDeep, threshold: ExitThreshold, eos_token_ids, max_stack: int):
+        self.shallow_deep = shallow_deep
+        self.target = shallow_deep  # the loop's model: the verify runs the deep layers over the stack
+        self.threshold = threshold
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_stack = max_stack
+        self.exit_confidences: list[float] = []  # per stacked position whose exit head ran
+        self.exit_predictions: list[int] = []
+
+    @property
+    def forward_passes(self) -> int:
+        return self.shallow_deep.shallow_passes
+
+    def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
+        draft: list[int] = []
+        token = tokens[-1]
+        # the draft's last token is left to the verify (batched with the stack) when the
+        # budget or the stack is full or it is EOS: no exit head is needed after it
+        while len(draft) < min(max_tokens, self.max_stack - 1):
+            probs = self.shallow_deep.shallow_step(token).float().softmax(dim=-1)
+            confidence, prediction = (x.item() for x in probs.max(dim=-1))
+            self.exit_confidences.append(confidence)
+            self.exit_predictions.append(prediction)
+            if confidence < self.threshold.value:
+                break
+            draft.append(prediction)
+            token = prediction
+            if prediction in self.eos_token_ids:
+                break
+        return draft
+
+    def observe(self, tokens: Sequence[int], drafted: int, accepted: int) -> None:
+        pass
+
+
+class FreeAcceptance:
+    """After a deep pass: feed the agreement pairs to the threshold, then keep the whole
+    draft and the deep model's next token (lossy, the paper's), or only the draft prefix
+    that equals the deep argmax plus the deep model's own token (lossless, ``ExactMatch``).
+
+    Example: draft [5, 9, 4], deep argmax over [last, 5, 9, 4] is [5, 9, 7, 2]: lossy keeps
+    [5, 9, 4, 2]; lossless keeps [5, 9, 7].
+    """
+
+    def __init__(self, drafter: ShallowExitDrafter, lossless: bool):
+        self.drafter = drafter
+        self.lossless = lossless
+        self.exact = ExactMatch()
+
+    def accept(self, draft: Sequence[int], logits) -> list[int]:
+        predicted = logits.argmax(dim=-1).tolist()  # [k + 1]
+        drafter = self.drafter
+        for confidence, shallow, deep in zip(drafter.exit_confidences, drafter.exit_predictions, predicted):
+            drafter.threshold.observe(confidence, shallow == deep)
+        drafter.exit_confidences, drafter.exit_predictions = [], []
+        if self.lossless:
+            return self.exact.accept(draft, logits)
+        return [*draft, predicted[len(draft)]]
+
+
+# ---- the methods ---------------------------------------------------------------------------
+
+
+class FreeState:
+    """What FREE keeps across the requests of one generator: the adapter of each exit
+    layer (loaded once) and each mode's threshold."""
+
+    def __init__(self):
+        self.adapters: dict[tuple[int, str | None], object] = {}
+        self.thresholds: dict[tuple[str, int], ExitThreshold] = {}
+
+
+def build_free(generator, config: FreeConfig, lossless: bool) -> tuple[ShallowExitDrafter, FreeAcceptance]:
+    model = generator.model
+    depth = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else 0
+    exit_layer = config.exit_layer if config.exit_layer is not None else depth // 2
+    state = generator.method_state.setdefault("free", FreeState())
+    key = (exit_layer, config.adapter)
+    if key not in state.adapters:
+        path = Path(config.adapter).expanduser() if config.adapter else adapter_path(generator.name, exit_layer)
+        if config.adapter and not path.exists():
+            raise FileNotFoundError(f"FREE adapter {path} not found: run `ragdec free calibrate` or fix the path")
+        dtype = next(model.parameters()).dtype
+        state.adapters[key] = load_adapter(path, model.config.hidden_size, dtype).eval() if path.exists() else None
+    mode = "free-lossless" if lossless else "free"
+    threshold = state.thresholds.get((mode, exit_layer))
+    if threshold is None or not config.adaptive or (threshold.adaptive, threshold.agree_posterior) != (True, config.agree_posterior):
+        threshold = ExitThreshold(config.exit_threshold, config.adaptive, config.agree_posterior)
+        state.thresholds[(mode, exit_layer)] = threshold
+    shallow_deep = ShallowDeep(model, exit_layer, state.adapters[key])
+    drafter = ShallowExitDrafter(shallow_deep, threshold, generator.eos_token_ids, config.max_stack)
+    return drafter, FreeAcceptance(drafter, lossless)
+
+
+@register_method("free")
+def _free(generator, prompt_ids, references, params):
+    return build_free(generator, free_config(params.options), lossless=False)
+
+
+@register_method("free-lossless")
+def _free_lossless(generator, prompt_ids, references, params):
+    return build_free(generator, free_config(params.options), lossless=True)

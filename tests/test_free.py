@@ -1,0 +1,150 @@
+"""FREE: nothing exits -> greedy; the lossless mode equals greedy; stacked tokens get the
+deep-layer KV that full decoding computes; the Beta mixture puts the threshold between
+agreeing and disagreeing confidences."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ragdec.decoding import free
+from ragdec.decoding.free import ExitThreshold, FreeConfig, ShallowDeep, build_free, exit_adapter
+from ragdec.decoding.generator import Generator
+from ragdec.decoding.kv import new_cache
+from ragdec.decoding.methods import GenerationParams
+
+from helpers import random_prompts
+
+
+def greedy(generator: Generator, prompt, max_new_tokens=24, stop=()):
+    return generator.generate(prompt, GenerationParams(max_new_tokens=max_new_tokens, stop=stop))
+
+
+def run_free(generator: Generator, prompt, method="free-lossless", max_new_tokens=24, stop=(), **options):
+    options.setdefault("adaptive", False)
+    params = GenerationParams(max_new_tokens=max_new_tokens, stop=stop, method=method, options=options)
+    return generator.generate(prompt, params)
+
+
+@pytest.fixture
+def noisy_adapter(tiny_generator):
+    """A random (non-identity) adapter on the tiny model's exit layer, so that the shallow
+    head often disagrees with the deep model; removed after the test."""
+    torch.manual_seed(1)
+    adapter = exit_adapter(tiny_generator.model.config.hidden_size, rank=8)
+    with torch.no_grad():
+        adapter.up.weight.normal_(0, 3.0)
+    state = tiny_generator.method_state.setdefault("free", free.FreeState())
+    state.adapters[(1, None)] = adapter.eval()
+    yield adapter
+    tiny_generator.method_state.pop("free", None)
+
+
+@pytest.mark.parametrize("method", ["free", "free-lossless"])
+def test_nothing_exits_above_one_equals_greedy(tiny_generator, method):
+    for prompt in random_prompts(len(tiny_generator.tokenizer), 4, seed=11):
+        expected = greedy(tiny_generator, prompt)
+        ours = run_free(tiny_generator, prompt, method, exit_layer=1, exit_threshold=1.01)
+        assert ours.token_ids == expected.token_ids
+        assert ours.stats.drafted_tokens == 0
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.6])
+def test_lossless_equals_greedy_on_tiny_models(tiny_generator, noisy_adapter, threshold):
+    drafted = rejected = 0
+    for prompt in random_prompts(len(tiny_generator.tokenizer), 5, seed=int(threshold * 10)):
+        expected = greedy(tiny_generator, prompt)
+        ours = run_free(tiny_generator, prompt, exit_layer=1, exit_threshold=threshold, max_stack=6)
+        assert (ours.token_ids, ours.text, ours.finish_reason) == (expected.token_ids, expected.text, expected.finish_reason)
+        drafted += ours.stats.drafted_tokens
+        rejected += ours.stats.drafted_tokens - ours.stats.accepted_tokens
+    if threshold == 0.0:
+        assert drafted > 0 and rejected > 0  # drafts and rollbacks really happen
+
+
+def test_lossless_with_stop_strings_and_the_adaptive_threshold(tiny_generator, noisy_adapter):
+    for prompt in random_prompts(len(tiny_generator.tokenizer), 4, seed=5):
+        free_run = greedy(tiny_generator, prompt, 12)
+        stop = (free_run.text[4:6],) if len(free_run.text) > 6 else ()
+        expected = greedy(tiny_generator, prompt, 24, stop)
+        ours = run_free(tiny_generator, prompt, stop=stop, exit_layer=1, exit_threshold=0.5, adaptive=True)
+        assert (ours.token_ids, ours.text) == (expected.token_ids, expected.text)
+
+
+def test_lossy_keeps_the_exited_tokens(tiny_generator, noisy_adapter):
+    prompt = random_prompts(len(tiny_generator.tokenizer), 1, seed=3)[0]
+    out = run_free(tiny_generator, prompt, "free", exit_layer=1, exit_threshold=0.0, max_stack=4)
+    assert len(out.token_ids) == 24 or out.finish_reason == "stop"
+    assert out.stats.accepted_tokens == out.stats.drafted_tokens > 0  # nothing rolled back
+    assert out.stats.drafter_forward_passes > 0
+
+
+def test_stacked_tokens_get_the_deep_kv_of_full_decoding(tiny_generator, noisy_adapter):
+    """Prefill, three tokens through the shallow layers only, then one deep pass over the
+    stack: every layer's cache equals that of one full forward over the same tokens."""
+    model = tiny_generator.model
+    prompt = random_prompts(len(tiny_generator.tokenizer), 1, seed=9)[0] + [7, 8]
+    stacked = [21, 45, 3, 60]
+    with torch.inference_mode():
+        shallow_deep = ShallowDeep(model, 1, noisy_adapter)
+        cache = new_cache(model)
+        shallow_deep(torch.tensor([prompt]), past_key_values=cache, logits_to_keep=1)
+        for token in stacked[:3]:
+            shallow_deep.shallow_step(token)
+        assert cache.get_seq_length(0) == len(prompt) + 3 and cache.get_seq_length(1) == len(prompt)
+        # the verify: 3 stacked tokens plus one that runs both halves in the batch
+        logits = shallow_deep(torch.tensor([stacked]), past_key_values=cache, logits_to_keep=4).logits
+        reference = new_cache(model)
+        full = model(input_ids=torch.tensor([prompt + stacked]), past_key_values=reference, use_cache=True)
+    for layer, expected in zip(cache.layers, reference.layers):
+        torch.testing.assert_close(layer.keys, expected.keys, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.values, expected.values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[0], full.logits[0, -4:], atol=1e-3, rtol=1e-3)
+
+
+def test_beta_mixture_threshold_docstring_example():
+    rng = random.Random(0)
+    threshold = ExitThreshold(0.9, agree_posterior=0.9, decay=1.0)
+    for _ in range(700):
+        threshold.observe(min(rng.betavariate(*ExitThreshold.beta_moments(0.9, 0.004)), 0.9999), True)
+    for _ in range(300):
+        threshold.observe(rng.betavariate(*ExitThreshold.beta_moments(0.4, 0.02)), False)
+    assert 0.7 <= threshold.value <= 0.8
+    assert threshold.posterior(0.95) > 0.99 and threshold.posterior(0.3) < 0.1
+
+
+def test_threshold_starts_at_the_option_and_stays_without_pairs():
+    threshold = ExitThreshold(0.8)
+    for _ in range(10):
+        threshold.observe(0.9, True)
+    assert threshold.value == 0.8  # too few pairs (and no disagreement) to fit
+    fixed = ExitThreshold(0.7, adaptive=False)
+    for _ in range(100):
+        fixed.observe(0.99, False)
+    assert fixed.value == 0.7
+
+
+def test_options_and_errors(tiny_generator):
+    with pytest.raises(ValueError, match="unknown free option"):
+        run_free(tiny_generator, [5, 6], exit_level=1)
+    with pytest.raises(ValueError, match="exit_layer must be between"):
+        run_free(tiny_generator, [5, 6], exit_layer=2)
+    config = free.free_config({"exit_layer": "1", "exit_threshold": "0.7", "adaptive": "no"})
+    assert config == FreeConfig(exit_layer=1, exit_threshold=0.7, adaptive=False)
+
+
+@pytest.mark.real_model
+def test_lossless_equals_greedy_on_smollm2(smollm2):
+    questions = [
+        "What is the capital of France?",
+        "List three prime numbers.",
+    ]
+    for question in questions:
+        prompt = smollm2.prompt_ids(question)
+        expected = greedy(smollm2, prompt, 24)
+        for threshold in (0.3, 0.8):
+            ours = run_free(smollm2, prompt, max_new_tokens=24, exit_layer=20, exit_threshold=threshold)
+            assert ours.token_ids == expected.token_ids, (question, threshold)
+    smollm2.method_state.pop("free", None)
