@@ -45,12 +45,18 @@ def _method_options(args) -> dict:
         options["trigger_n"] = args.trigger_n
     if args.copy_k not in (None, "auto"):
         options["copy_k"] = int(args.copy_k)
+    for name in ("draft_model", "fallback_threshold", "rollback_threshold"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     return options
 
 
 def _add_method_knobs(parser) -> None:
     parser.add_argument("--trigger-n", type=int, help="llma: shortest match that triggers a copy (default 1)")
     parser.add_argument("--copy-k", help="llma: draft length, or 'auto' to choose it per step from the cost model (default)")
+    parser.add_argument("--draft-model", help="bild: the little model, sharing the big model's tokenizer (default: the zoo's pair)")
+    parser.add_argument("--fallback-threshold", type=float, help="bild: the little model drafts while its top probability is at least this (default 0.6)")
+    parser.add_argument("--rollback-threshold", type=float, help="bild: a draft token rolls back where the big model's cross-entropy of it exceeds this (default 2.0)")
 
 
 def cmd_generate(args) -> int:
@@ -104,6 +110,15 @@ def cmd_bench(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods != DEFAULT_BENCH_METHODS else None
         run_pid_bench(args.data, args.json, model=args.model, methods=methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
         return 0
+    if args.workload == "server-load":
+        from ragdec.bench.server_load import run_server_load
+
+        # unless given, its own model and answer length (smollm2, 16 tokens): the bench's
+        # defaults are for decoding workloads
+        result = run_server_load(args.json, model=None if args.model == DEFAULT_MODEL else args.model,
+                                 max_new_tokens=None if args.max_new_tokens == 128 else args.max_new_tokens,
+                                 clients=args.clients, requests_per_client=args.requests_per_client)
+        return 0 if result["ok"] else 1
     if args.workload in ("qa", "chat-pipeline"):
         from ragdec.bench import qa
 
@@ -137,7 +152,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ragdec.app import cli_cache, cli_index, cli_pipeline, cli_serve
+    from ragdec.app import cli_cache, cli_free, cli_index, cli_pipeline, cli_serve
     from ragdec.bench import retrieval as retrieval_bench
     parser = argparse.ArgumentParser(prog="ragdec", description="Fast retrieval-augmented and conversational answering.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,12 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, default=5, help="qa: passages retrieved per question")
     bench.add_argument("--turns", type=int, default=5, help="chat-pipeline: questions asked per CoQA story")
+    bench.add_argument("--clients", type=int, default=20, help="server-load: concurrent clients")
+    bench.add_argument("--requests-per-client", type=int, default=10, help="server-load: requests each client sends")
     retrieval_bench.add_arguments(bench.add_argument_group("retrieval workload"))
     bench.set_defaults(func=cmd_bench)
 
     cli_pipeline.register(sub)
     cli_index.register(sub)
     cli_cache.register(sub)
+    cli_free.register(sub)
     cli_serve.register(sub)
     return parser
 

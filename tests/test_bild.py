@@ -1,0 +1,210 @@
+"""BiLD: rollback_threshold 0 and the lossless mode equal the big model's greedy output; the
+lossy mode keeps only tokens the big model finds likely; both KV caches stay consistent."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import TRAINING_TEXT, tiny_causal_lm
+from helpers import random_prompts
+from ragdec.decoding import loop
+from ragdec.decoding.bild import LittleModelDrafter, RollbackRule
+from ragdec.decoding.generator import Generator
+from ragdec.decoding.kv import kv_len, new_cache
+from ragdec.decoding.methods import GenerationParams, method_factory
+from ragdec.decoding.stopping import StopCondition
+
+PADDING_ROWS = 7  # the little model's embedding is padded past the tokenizer, as Qwen's is
+
+
+def noisy_copy(model, noise: float, seed: int = 1):
+    """The model with Gaussian noise on every weight: it agrees with the original on about
+    60% of the tokens at noise 0.2, so drafts stand sometimes and roll back sometimes."""
+    little = copy.deepcopy(model)
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in little.parameters():
+            param.add_(torch.randn(param.shape, generator=rng) * noise * param.std())
+    return little
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tokenizer) -> tuple[Generator, Generator]:
+    """(big, little) sharing tiny_tokenizer; the little one's padding logits win unless sliced.
+
+    Llama, not the tied-embedding Qwen2 of conftest: that one repeats one token with
+    probability 1, so its drafts would always stand and never roll back."""
+    vocab = len(tiny_tokenizer)
+    big = tiny_causal_lm("llama", vocab)
+    with torch.no_grad():  # sharper logits: top probabilities around 0.6, as a real model's
+        big.lm_head.weight.mul_(40.0)
+    little = noisy_copy(big, noise=0.2)
+    little.resize_token_embeddings(vocab + PADDING_ROWS, mean_resizing=False)
+    padding = torch.arange(vocab, vocab + PADDING_ROWS)
+    little.get_output_embeddings().register_forward_hook(lambda module, args, out: out.index_fill(-1, padding, 1e4))
+    return Generator(big, tiny_tokenizer, "tiny-big"), Generator(little, tiny_tokenizer, "tiny-little")
+
+
+def run(big: Generator, little: Generator, prompt, method="bild", max_new_tokens=30, stop=(), **options):
+    params = GenerationParams(max_new_tokens, tuple(stop), method, {"draft_model": little, **options})
+    return big.generate(prompt, params)
+
+
+def greedy(big: Generator, prompt, max_new_tokens=30, stop=()):
+    return big.generate(prompt, GenerationParams(max_new_tokens, tuple(stop)))
+
+
+def test_rollback_threshold_zero_equals_big_greedy(pair):
+    big, little = pair
+    drafted = 0
+    for prompt in random_prompts(len(big.tokenizer), 4, seed=3):
+        ours = run(big, little, prompt, max_new_tokens=24, rollback_threshold=0.0, fallback_threshold=0.3, max_draft=3)
+        assert ours.token_ids == greedy(big, prompt, max_new_tokens=24).token_ids
+        drafted += ours.stats.drafted_tokens
+    assert drafted > 0  # drafts were made and rolled back
+
+
+@pytest.mark.parametrize("fallback_threshold,max_draft", [(0.0, 4), (0.6, 10)])
+def test_lossless_equals_big_greedy(pair, fallback_threshold, max_draft):
+    big, little = pair
+    drafted = accepted = 0
+    for i, prompt in enumerate(random_prompts(len(big.tokenizer), 6, seed=4)):
+        stop = ()
+        if i % 2:  # a stop string taken from the greedy answer, so that a draft can cross it
+            text = greedy(big, prompt).text
+            stop = (text[6:8],) if len(text) > 8 else ()
+        expected = greedy(big, prompt, stop=stop)
+        ours = run(big, little, prompt, "bild-lossless", stop=stop, fallback_threshold=fallback_threshold, max_draft=max_draft)
+        assert (ours.token_ids, ours.text, ours.finish_reason) == (expected.token_ids, expected.text, expected.finish_reason)
+        assert ours.stats.drafter_forward_passes > 0
+        drafted, accepted = drafted + ours.stats.drafted_tokens, accepted + ours.stats.accepted_tokens
+    assert accepted > 0  # the little model's drafts stood sometimes
+    assert accepted < drafted  # and were cut sometimes
+
+
+def test_lossy_mode_keeps_only_tokens_the_big_model_finds_likely(pair):
+    """Every token of the answer is the big model's argmax, or a little-model token whose
+    cross-entropy under the big model is at most rollback_threshold."""
+    big, little = pair
+    threshold, differs = 2.0, 0
+    for prompt in random_prompts(len(big.tokenizer), 6, seed=5):
+        ours = run(big, little, prompt, rollback_threshold=threshold, fallback_threshold=0.3)
+        sequence = torch.tensor([[*prompt, *ours.token_ids]])
+        with torch.inference_mode():
+            logits = big.model(input_ids=sequence).logits[0, len(prompt) - 1 : -1]  # [new, vocab]
+        cross_entropy = -torch.log_softmax(logits, dim=-1)[torch.arange(len(ours.token_ids)), list(ours.token_ids)]
+        is_argmax = logits.argmax(dim=-1) == torch.tensor(ours.token_ids)
+        assert bool((is_argmax | (cross_entropy <= threshold + 1e-4)).all())
+        differs += int((~is_argmax).sum())
+    assert differs > 0  # the lossy path really kept tokens greedy would not
+
+
+def test_rollback_rule_cuts_at_the_first_unlikely_token():
+    logits = torch.full((4, 6), -10.0)
+    logits[0, 5] = logits[1, 2] = logits[2, 3] = logits[3, 1] = 5.0  # argmax per row: 5, 2, 3, 1
+    logits[1, 4] = 4.0  # p_big(4) at row 1 is about 0.27: cross-entropy 1.3
+    rule = RollbackRule(rollback_threshold=2.0)
+    assert rule.accept([5, 4, 3], logits) == [5, 4, 3, 1]  # all stand, plus the bonus token
+    assert rule.accept([5, 4, 0], logits) == [5, 4, 3]  # 0 is unlikely at row 2: the big model's 3
+    assert RollbackRule(1.0).accept([5, 4, 3], logits) == [5, 2]  # 1.3 > 1.0: cut at 4
+    assert rule.accept([], logits[:1]) == [5]  # fallback only: the big model's token
+
+
+def _assert_cache_holds(model, cache, tokens):
+    """``cache`` holds the keys and values a fresh prefill of ``tokens`` gives."""
+    fresh = new_cache(model)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([list(tokens)]), past_key_values=fresh, use_cache=True)
+    assert kv_len(cache) == kv_len(fresh) == len(tokens)
+    for ours, expected in zip(cache.layers, fresh.layers):
+        assert torch.allclose(ours.keys, expected.keys, atol=1e-4)
+        assert torch.allclose(ours.values, expected.values, atol=1e-4)
+
+
+def test_both_caches_consistent_after_rollbacks(pair, monkeypatch):
+    big, little = pair
+    big_caches = []
+
+    def recording_new_cache(model):
+        big_caches.append(new_cache(model))
+        return big_caches[-1]
+
+    monkeypatch.setattr(loop, "new_cache", recording_new_cache)
+    steps = cut = 0
+    for prompt in random_prompts(len(big.tokenizer), 3, seed=6):
+        params = GenerationParams(30, (), "bild", {"draft_model": little, "rollback_threshold": 1.0, "fallback_threshold": 0.0})
+        drafter, rule = method_factory("bild")(big, prompt, [], params)
+        assert isinstance(drafter, LittleModelDrafter) and drafter.cached_tokens == list(prompt)
+        observe = drafter.observe
+
+        def checked_observe(tokens, drafted, accepted):
+            nonlocal steps, cut
+            observe(tokens, drafted, accepted)
+            # the little cache holds a prefix of what stands, nothing rolled back
+            assert drafter.cached_tokens == list(tokens[: len(drafter.cached_tokens)])
+            assert kv_len(drafter.cache) == len(drafter.cached_tokens) >= len(tokens) - 2
+            steps, cut = steps + 1, cut + (accepted < drafted)
+
+        drafter.observe = checked_observe
+        stop = StopCondition(frozenset(), (), 30)  # no EOS: the answer runs to the budget
+        blocks = list(loop.decode(big.model, prompt, drafter, rule, stop, big.decode_text))
+        generated = [t for block in blocks for t in block.token_ids]
+        assert blocks[-1].finish_reason == "length" and len(generated) == 30
+        _assert_cache_holds(little.model, drafter.cache, drafter.cached_tokens)
+        # the big cache holds every token but the last, which the next verify would read
+        _assert_cache_holds(big.model, big_caches[-1], [*prompt, *generated][:-1])
+    assert cut > 0 and steps > 0  # rollbacks happened
+
+
+def test_pair_with_another_vocabulary_is_refused(pair, tiny_tokenizer):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    big, little = pair
+    # the same text and size, the special tokens in the other order: ids 0 and 1 swap meaning
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=len(tiny_tokenizer), special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(TRAINING_TEXT * 20, trainer)
+    other = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
+    assert len(other) == len(tiny_tokenizer) and other.get_vocab() != tiny_tokenizer.get_vocab()
+    stranger = Generator(little.model, other, "stranger")
+    with pytest.raises(ValueError, match="do not share a vocabulary"):
+        run(big, stranger, [5, 6, 7], max_new_tokens=4)
+
+
+def test_no_little_model_and_unknown_options_are_refused(pair):
+    big, little = pair
+    with pytest.raises(ValueError, match="no little model is paired"):
+        big.generate([5, 6, 7], GenerationParams(4, method="bild"))
+    with pytest.raises(ValueError, match="unknown bild option"):
+        run(big, little, [5, 6, 7], max_new_tokens=4, copy_k=4)
+
+
+@pytest.mark.real_model
+def test_smollm2_drafting_for_itself_equals_greedy(smollm2, tmp_path):
+    """A real model as its own little model (by zoo name, loaded once): every confident
+    draft stands, so both modes give greedy's tokens, and most tokens come from drafts."""
+    from ragdec.app.cli import main
+
+    for prompt in ("What is the capital of France?", "Name three primary colors."):
+        ids = smollm2.prompt_ids(prompt)
+        expected = smollm2.generate(ids, GenerationParams(16))
+        for method in ("bild", "bild-lossless"):
+            params = GenerationParams(16, method=method, options={"draft_model": "smollm2-135m-instruct"})
+            ours = smollm2.generate(ids, params)
+            assert ours.token_ids == expected.token_ids, method
+            assert ours.stats.accepted_tokens >= ours.stats.new_tokens // 2
+    out = tmp_path / "bild.json"
+    code = main([
+        "generate", "--model", "smollm2-135m-instruct", "--method", "bild", "--draft-model", "smollm2-135m-instruct",
+        "--rollback-threshold", "3", "--prompt", "Say hello.", "--max-new-tokens", "6", "--json", str(out),
+    ])
+    assert code == 0
+    stats = json.loads(out.read_text())["stats"]
+    assert stats["drafter_forward_passes"] > 0 and stats["new_tokens"] > 0
