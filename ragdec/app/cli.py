@@ -110,15 +110,6 @@ def cmd_bench(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods != DEFAULT_BENCH_METHODS else None
         run_pid_bench(args.data, args.json, model=args.model, methods=methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
         return 0
-    if args.workload == "server-load":
-        from ragdec.bench.server_load import run_server_load
-
-        # unless given, its own model and answer length (smollm2, 16 tokens): the bench's
-        # defaults are for decoding workloads
-        result = run_server_load(args.json, model=None if args.model == DEFAULT_MODEL else args.model,
-                                 max_new_tokens=None if args.max_new_tokens == 128 else args.max_new_tokens,
-                                 clients=args.clients, requests_per_client=args.requests_per_client)
-        return 0 if result["ok"] else 1
     if args.workload in ("qa", "chat-pipeline"):
         from ragdec.bench import qa
 
@@ -138,7 +129,7 @@ def cmd_bench(args) -> int:
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         data=args.data,
-        assistant=args.assistant,
+        assistant=args.assistant or args.draft_model,  # hf-assisted drafts with bild's little model
         warmup=args.warmup,
         prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
         max_matching_ngram_size=args.max_matching_ngram_size,
@@ -152,7 +143,7 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ragdec.app import cli_cache, cli_free, cli_index, cli_pipeline, cli_serve
+    from ragdec.app import cli_cache, cli_index, cli_pipeline, cli_serve
     from ragdec.bench import retrieval as retrieval_bench
     parser = argparse.ArgumentParser(prog="ragdec", description="Fast retrieval-augmented and conversational answering.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,15 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, default=5, help="qa: passages retrieved per question")
     bench.add_argument("--turns", type=int, default=5, help="chat-pipeline: questions asked per CoQA story")
-    bench.add_argument("--clients", type=int, default=20, help="server-load: concurrent clients")
-    bench.add_argument("--requests-per-client", type=int, default=10, help="server-load: requests each client sends")
     retrieval_bench.add_arguments(bench.add_argument_group("retrieval workload"))
     bench.set_defaults(func=cmd_bench)
 
     cli_pipeline.register(sub)
     cli_index.register(sub)
     cli_cache.register(sub)
-    cli_free.register(sub)
     cli_serve.register(sub)
     return parser
 
