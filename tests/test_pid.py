@@ -88,6 +88,35 @@ def test_pid_llma_rows_equal_greedy_on_tiny_models(tiny_generator, copy_k):
     assert sum(g.stats.accepted_tokens for g in ours) > 0  # the copy path is really exercised
 
 
+@pytest.mark.parametrize("share", ["view", "copy"])
+def test_dropping_unused_columns_keeps_rows_equal(tiny_generator, monkeypatch, share):
+    import ragdec.decoding.pid as pid
+
+    monkeypatch.setattr(pid, "COMPACT_AFTER", 1)  # compact after every step that leaves a dead column
+    dropped = []
+    compact = pid._compact
+
+    def counting_compact(cache, valid, offset):
+        kept = compact(cache, valid, offset)
+        dropped.append(valid.shape[-1] - kept.shape[-1])
+        return kept
+
+    monkeypatch.setattr(pid, "_compact", counting_compact)
+    prompts = document_prompts(len(tiny_generator.tokenizer), 6, seed=10)
+    answers = [greedy(tiny_generator, p, 24).text for p in prompts[:2]]
+    # rows leave early where their answer reaches EOS: the 5th token of the longest row's answer
+    model = tiny_generator.model
+    model.generation_config.eos_token_id = greedy(tiny_generator, prompts[1], 5).token_ids[4]
+    try:
+        gen = Generator(model, tiny_generator.tokenizer)
+        for method in ("pid", "pid-llma"):
+            params = GenerationParams(max_new_tokens=24, method=method, options={"copy_k": 5} if method == "pid-llma" else {})
+            assert_rows_equal_greedy(gen, prompts, params, references=answers, share=share)
+    finally:
+        model.generation_config.eos_token_id = 0
+    assert sum(dropped) > 0  # columns really went
+
+
 def test_stream_interleaves_rows_and_adds_up(tiny_generator):
     prompts = document_prompts(len(tiny_generator.tokenizer), 4, seed=6)
     params = GenerationParams(max_new_tokens=12, method="pid")
