@@ -148,3 +148,33 @@ def test_lossless_equals_greedy_on_smollm2(smollm2):
             ours = run_free(smollm2, prompt, max_new_tokens=24, exit_layer=20, exit_threshold=threshold)
             assert ours.token_ids == expected.token_ids, (question, threshold)
     smollm2.method_state.pop("free", None)
+
+
+def test_calibration_trains_and_saves_only_the_adapter(tiny_generator, tmp_path, monkeypatch):
+    """A few steps on the tiny model: the adapter is saved where FREE looks for it (and
+    nothing else is), loads, and FREE with it still equals greedy in lossless mode."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ragdec.decoding.free_calibrate import CalibrationConfig, calibrate
+    from conftest import TRAINING_TEXT
+
+    monkeypatch.setenv("RAGDEC_HOME", str(tmp_path / "home"))
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"document": t * 3}) + "\n" for t in TRAINING_TEXT * 4), encoding="utf-8")
+    config = CalibrationConfig(exit_layer=1, steps=12, seq_len=16, train_sequences=10, heldout_sequences=4,
+                               batch_positions=32, top_k=8, rank=4)
+    tiny_generator.method_state.pop("free", None)
+    report = calibrate(tiny_generator, data, config, progress=False)
+    try:
+        assert report.path == str(free.adapter_path(tiny_generator.name, 1))
+        assert set(load_file(report.path)) == {"down.weight", "up.weight"}
+        assert 0.0 <= report.agreement_before <= 1.0 and 0.0 <= report.agreement_after <= 1.0
+        assert [p.name for p in (tmp_path / "home" / "free").rglob("*") if p.is_file()] == ["layer1.safetensors"]
+        prompt = random_prompts(len(tiny_generator.tokenizer), 1, seed=2)[0]
+        ours = run_free(tiny_generator, prompt, exit_layer=1, exit_threshold=0.3)
+        assert tiny_generator.method_state["free"].adapters[(1, None)] is not None  # the saved adapter was used
+        assert ours.token_ids == greedy(tiny_generator, prompt).token_ids
+    finally:
+        tiny_generator.method_state.pop("free", None)

@@ -1,0 +1,66 @@
+"""`ragdec free calibrate`: train FREE's exit adapter for a model at an exit layer.
+
+    ragdec free calibrate --model qwen2.5-coder-0.5b-instruct --exit-layer 12
+
+``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def default_data() -> Path:
+    """``$RAGDEC_DATA/summarize/xsum.jsonl``, else ``../shared/data/summarize/xsum.jsonl``."""
+    import os
+
+    root = Path(os.environ.get("RAGDEC_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
+    return root / "summarize" / "xsum.jsonl"
+
+
+def cmd_free_calibrate(args) -> int:
+    from ragdec.decoding.free_calibrate import CalibrationConfig, calibrate
+    from ragdec.decoding.generator import Generator
+
+    data = Path(args.data) if args.data else default_data()
+    if not data.exists():
+        raise FileNotFoundError(f"calibration text {data} not found: pass --data FILE (.jsonl with a 'document' or 'text' field)")
+    generator = Generator.load(args.model)
+    config = CalibrationConfig(exit_layer=args.exit_layer, steps=args.steps, seq_len=args.seq_len,
+                               train_sequences=args.train_sequences)
+    report = calibrate(generator, data, config, out=args.out, progress=not args.quiet)
+    print(
+        f"{report.model} exit layer {report.exit_layer}: shallow/deep top-1 agreement on "
+        f"{report.heldout_positions} held-out positions {report.agreement_before:.1%} before, "
+        f"{report.agreement_after:.1%} after ({report.steps} steps on {report.train_positions} positions)"
+    )
+    print(f"adapter: {report.path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``free`` (``calibrate``) to an argparse subparsers object."""
+    free = subparsers.add_parser("free", help="FREE early exit: calibrate the exit head")
+    actions = free.add_subparsers(dest="action", required=True)
+    calibrate = actions.add_parser(
+        "calibrate", help="train the exit adapter by distillation from the deep model; save it under $RAGDEC_HOME/free",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    calibrate.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, local folder or hub id")
+    calibrate.add_argument("--exit-layer", type=int, required=True, help="layers in the shallow model")
+    calibrate.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    calibrate.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence")
+    calibrate.add_argument("--train-sequences", type=int, default=48, help="training sequences (one per document)")
+    calibrate.add_argument("--data", help="text to distil on (.jsonl or text); default: the xsum documents")
+    calibrate.add_argument("--out", help="adapter file (default: $RAGDEC_HOME/free/<model>/layer<L>.safetensors)")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bars")
+    calibrate.add_argument("--json", metavar="PATH", help="write the agreement report as JSON")
+    calibrate.set_defaults(func=cmd_free_calibrate)
