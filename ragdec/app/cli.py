@@ -45,12 +45,18 @@ def _method_options(args) -> dict:
         options["trigger_n"] = args.trigger_n
     if args.copy_k not in (None, "auto"):
         options["copy_k"] = int(args.copy_k)
+    for name in ("draft_model", "fallback_threshold", "rollback_threshold"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     return options
 
 
 def _add_method_knobs(parser) -> None:
     parser.add_argument("--trigger-n", type=int, help="llma: shortest match that triggers a copy (default 1)")
     parser.add_argument("--copy-k", help="llma: draft length, or 'auto' to choose it per step from the cost model (default)")
+    parser.add_argument("--draft-model", help="bild: the little model, sharing the big model's tokenizer (default: the zoo's pair)")
+    parser.add_argument("--fallback-threshold", type=float, help="bild: the little model drafts while its top probability is at least this (default 0.6)")
+    parser.add_argument("--rollback-threshold", type=float, help="bild: a draft token rolls back where the big model's cross-entropy of it exceeds this (default 2.0)")
 
 
 def cmd_generate(args) -> int:
@@ -123,7 +129,7 @@ def cmd_bench(args) -> int:
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         data=args.data,
-        assistant=args.assistant,
+        assistant=args.assistant or args.draft_model,  # hf-assisted drafts with bild's little model
         warmup=args.warmup,
         prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
         max_matching_ngram_size=args.max_matching_ngram_size,
