@@ -178,3 +178,11 @@ def test_calibration_trains_and_saves_only_the_adapter(tiny_generator, tmp_path,
         assert ours.token_ids == greedy(tiny_generator, prompt).token_ids
     finally:
         tiny_generator.method_state.pop("free", None)
+
+
+def test_methods_are_registered():
+    from ragdec.decoding.methods import BUILTIN_METHOD_MODULES, METHODS, method_factory
+
+    assert "ragdec.decoding.free" in BUILTIN_METHOD_MODULES
+    method_factory("greedy")
+    assert {"free", "free-lossless"} <= set(METHODS)

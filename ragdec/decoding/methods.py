@@ -35,7 +35,7 @@ def register_method(name: str):
 
 
 # modules that register methods; imported on first use to keep imports light
-BUILTIN_METHOD_MODULES = ("ragdec.decoding.llma", "ragdec.decoding.pid", "ragdec.decoding.bild")
+BUILTIN_METHOD_MODULES = ("ragdec.decoding.llma", "ragdec.decoding.pid", "ragdec.decoding.bild", "ragdec.decoding.free")
 
 
 def method_factory(name: str) -> MethodFactory:
