@@ -45,7 +45,7 @@ def _method_options(args) -> dict:
         options["trigger_n"] = args.trigger_n
     if args.copy_k not in (None, "auto"):
         options["copy_k"] = int(args.copy_k)
-    for name in ("draft_model", "fallback_threshold", "rollback_threshold"):
+    for name in ("draft_model", "fallback_threshold", "rollback_threshold", "exit_layer", "exit_threshold"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     return options
@@ -57,6 +57,8 @@ def _add_method_knobs(parser) -> None:
     parser.add_argument("--draft-model", help="bild: the little model, sharing the big model's tokenizer (default: the zoo's pair)")
     parser.add_argument("--fallback-threshold", type=float, help="bild: the little model drafts while its top probability is at least this (default 0.6)")
     parser.add_argument("--rollback-threshold", type=float, help="bild: a draft token rolls back where the big model's cross-entropy of it exceeds this (default 2.0)")
+    parser.add_argument("--exit-layer", type=int, help="free: layers in the shallow model (default: half the depth)")
+    parser.add_argument("--exit-threshold", type=float, help="free: shallow confidence needed to exit; the adaptive threshold's start (default 0.9)")
 
 
 def cmd_generate(args) -> int:
