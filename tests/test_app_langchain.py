@@ -189,6 +189,7 @@ def test_rag_chain_over_a_ragdec_store(store_dir):
     def join(docs):
         return "\n\n".join(doc.page_content for doc in docs)
 
-    chain = {"context": retriever | join, "question": RunnablePassthrough()} | prompt | ChatRagdec(model=CHAT_MODEL, max_tokens=12) | StrOutputParser()
+    chat = ChatRagdec(model=CHAT_MODEL, max_tokens=12, method="llma")  # llma: copies from the context in the prompt
+    chain = {"context": retriever | join, "question": RunnablePassthrough()} | prompt | chat | StrOutputParser()
     answer = chain.invoke(STORE_QUESTION)
     assert isinstance(answer, str) and answer.strip()

@@ -199,21 +199,29 @@ def test_the_official_client_raises_its_own_errors_and_the_server_goes_on(server
     assert client.chat.completions.create(model=MODEL, messages=ask("Hello"), max_tokens=3).choices[0].message.content
 
 
-def test_a_client_leaving_mid_stream_stops_its_decode(server, client):
-    before = get(server, "/health")["jobs"]
-    body = {"model": MODEL, "messages": ask("Write a long story about a lighthouse."), "max_tokens": 400, "stream": True,
-            "ragdec": {"method": "greedy"}}
+def open_request(server, body: dict) -> http.client.HTTPConnection:
     connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=60)
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    response = connection.getresponse()
+    return connection
+
+
+def test_clients_leaving_mid_stream_or_while_queued_stop_their_decodes(server, client):
+    before = get(server, "/health")["jobs"]
+    long = {"model": MODEL, "messages": ask("Write a long story about a lighthouse."), "max_tokens": 400,
+            "ragdec": {"method": "greedy"}}
+    streaming = open_request(server, {**long, "stream": True})
+    response = streaming.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")  # the stream has begun
-    connection.sock.close()  # the client goes away, mid-answer
-    connection.close()
+    waiting = open_request(server, long)  # queued behind the stream, then its client leaves too
+    waiting.close()
+    response.close()  # the streaming client goes away, mid-answer
+    streaming.close()
     deadline = time.monotonic() + 120
-    while get(server, "/health")["jobs"]["cancelled"] == before["cancelled"]:
-        assert time.monotonic() < deadline, "the decode was not cancelled"
+    while get(server, "/health")["jobs"]["cancelled"] < before["cancelled"] + 2:
+        assert time.monotonic() < deadline, "the decodes were not cancelled"
         time.sleep(0.2)
+    assert get(server, "/health")["jobs"]["done"] == before["done"]  # neither ran to its end
     assert client.chat.completions.create(model=MODEL, messages=ask("Hello"), max_tokens=3).choices[0].message.content
 
 

@@ -112,6 +112,15 @@ def cmd_bench(args) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods != DEFAULT_BENCH_METHODS else None
         run_pid_bench(args.data, args.json, model=args.model, methods=methods, limit=args.limit, max_new_tokens=args.max_new_tokens)
         return 0
+    if args.workload == "server-load":
+        from ragdec.bench.server_load import run_server_load
+
+        # unless given, its own model and answer length (smollm2, 16 tokens): the bench's
+        # defaults are for decoding workloads
+        result = run_server_load(args.json, model=None if args.model == DEFAULT_MODEL else args.model,
+                                 max_new_tokens=None if args.max_new_tokens == 128 else args.max_new_tokens,
+                                 clients=args.clients, requests_per_client=args.requests_per_client)
+        return 0 if result["ok"] else 1
     if args.workload in ("qa", "chat-pipeline"):
         from ragdec.bench import qa
 
@@ -171,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark methods against Hugging Face baselines on one workload")
     bench.add_argument(
         "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat); pipeline workload "
-        "(qa, chat-pipeline: methods greedy,llma by default); pid (many questions per document); or retrieval, or cache"
+        "(qa, chat-pipeline: methods greedy,llma by default); pid (many questions per document); or retrieval, or cache; "
+        "or server-load (ragdec serve under concurrent loopback clients)"
     )
     bench.add_argument("--model", default=DEFAULT_MODEL)
     bench.add_argument(
@@ -191,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, default=5, help="qa: passages retrieved per question")
     bench.add_argument("--turns", type=int, default=5, help="chat-pipeline: questions asked per CoQA story")
+    bench.add_argument("--clients", type=int, default=20, help="server-load: concurrent clients")
+    bench.add_argument("--requests-per-client", type=int, default=10, help="server-load: requests each client sends")
     retrieval_bench.add_arguments(bench.add_argument_group("retrieval workload"))
     bench.set_defaults(func=cmd_bench)
 

@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from importlib import resources
@@ -74,9 +76,14 @@ def create_app(
     worker = ModelWorker()
     started = int(time.time())
     page = resources.files("ragdec.app").joinpath("static/chat.html").read_text(encoding="utf-8")
-    app = FastAPI(title="ragdec", description="OpenAI-compatible answers over a ragdec pipeline", version="0.1.0")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        worker.close()
+
+    app = FastAPI(title="ragdec", description="OpenAI-compatible answers over a ragdec pipeline", version="0.1.0", lifespan=lifespan)
     app.state.worker = worker
-    app.router.add_event_handler("shutdown", worker.close)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, error: ApiError):
@@ -118,10 +125,11 @@ def create_app(
     async def chat_completions(http: HttpRequest):
         call = parse_chat(await _json(http), model_name, defaults, context_length)
         job = worker.submit(lambda: pipeline.stream([call.request]))
-        if call.stream:
-            return await _stream(call, job)
-        texts, last = [], None
+        watch = asyncio.create_task(_cancel_on_disconnect(http, job))
         try:
+            if call.stream:
+                return await _stream(call, job)
+            texts, last = [], None
             async for chunk in job.items():
                 texts.append(chunk.text)
                 if chunk.finish_reason is not None:
@@ -129,7 +137,7 @@ def create_app(
         except JobFailed as error:
             raise ApiError(500, f"the model failed on this request: {error}", None, None, "server_error") from error
         finally:
-            job.cancel()  # the client left while waiting: nothing more to compute
+            watch.cancel()
         if last is None or last.finish_reason == "error":
             raise error_from_chunk(last) if last else ApiError(500, "the pipeline ended without an answer", type="server_error")
         return completion_body(call, "".join(texts), last, job.queue_seconds)
@@ -172,6 +180,16 @@ async def _json(http: HttpRequest) -> Any:
         raise ApiError(400, f"the body is not valid JSON ({error}): send a JSON object", None, "invalid_json") from error
 
 
+async def _cancel_on_disconnect(http: HttpRequest, job) -> None:
+    """Cancel ``job`` if its client goes away before the answer begins to stream (while
+    queued, or waiting for a whole answer). A stream's own end cancels it after that."""
+    while not job.completed:
+        if await http.is_disconnected():
+            job.cancel()
+            return
+        await asyncio.sleep(0.25)
+
+
 async def _stream(call: ChatCall, job) -> StreamingResponse | JSONResponse:
     """Stream the answer as server-sent events. The first chunk is awaited before the
     response begins, so that a refused request (a prompt over the context, say) still gets
@@ -181,6 +199,8 @@ async def _stream(call: ChatCall, job) -> StreamingResponse | JSONResponse:
         first = await items.__anext__()
     except JobFailed as error:
         raise ApiError(500, f"the model failed on this request: {error}", None, None, "server_error") from error
+    except StopAsyncIteration:  # cancelled before it began: its client is gone
+        raise ApiError(503, "the request was cancelled before it was answered", None, "cancelled", "server_error") from None
     if first.finish_reason == "error":
         raise error_from_chunk(first)
 

@@ -124,25 +124,25 @@ class ModelWorker:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             self.running = job
-            try:
-                self.counts[self._run_job(job)] += 1
-            finally:
-                self.running = None
+            outcome = self._run_job(job)
+            self.counts[outcome] += 1  # counted before the consumer hears the end
+            self.running = None
+            job.put(_END)
 
     @staticmethod
     def _run_job(job: Job) -> str:
+        """Run ``job`` to its end or its cancellation: "done", "cancelled" or "failed"."""
         job.started_at = time.perf_counter()
-        outcome = "done"
+        if job.cancelled:
+            return "cancelled"
         items = None
         try:
-            if job.cancelled:
-                return "cancelled"
             items = iter(job.work())
             for item in items:
                 job.put(item)
                 if job.cancelled:
-                    outcome = "cancelled"
-                    break
+                    return "cancelled"
+            return "done"
         except Exception as error:  # noqa: BLE001 - the consumer gets it, the worker goes on
             failure = JobFailed(f"{type(error).__name__}: {error}")
             failure.__cause__ = error
@@ -152,5 +152,3 @@ class ModelWorker:
             close = getattr(items, "close", None)
             if close is not None:
                 close()  # a generator cut short runs its cleanup (the decode loop stops here)
-            job.put(_END)
-        return outcome
