@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 
+import openai  # a test dependency (pip install -e '.[test]')
 import pytest
 from app_fixtures import STORE_QUESTION, build_store
 from test_retrieval_fixtures import minilm
@@ -17,8 +18,6 @@ from test_retrieval_fixtures import minilm
 from ragdec.decoding.methods import GenerationParams
 from ragdec.pipelines.rag import RagPipeline, RagSettings
 from ragdec.pipelines.types import Request, collect
-
-openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e '.[test]'")
 
 MODEL = "smollm2-135m-instruct"
 
