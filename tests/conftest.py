@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from ragdec.decoding.generator import Generator, configure_threads
+# idle OpenMP threads sleep instead of spinning: test processes share the cores with each
+# other (and with the server and browser tests' subprocesses); set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ragdec.decoding.generator import Generator, configure_threads  # noqa: E402
 
 configure_threads()
 

@@ -231,6 +231,8 @@ def test_a_system_message_and_references_are_copyable(smollm2):
     greedy, llma = collect(pipeline, [Request(messages, params=GenerationParams(max_new_tokens=30, method=m)) for m in ("greedy", "llma")])
     assert greedy.text == llma.text
     assert llma.stats.accepted_tokens > 0  # copied from the system message's story
+    auto, = collect(pipeline, [Request(messages, params=GenerationParams(max_new_tokens=4, method="auto"))])
+    assert auto.info.method == "llma"  # the system message is text to copy from (where chains put context)
 
 
 # ---- commands ------------------------------------------------------------------------------

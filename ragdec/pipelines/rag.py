@@ -131,7 +131,10 @@ class RagPipeline:
             sources = fit_sources(
                 [Source(h.rank, h.id, h.title, h.text, h.score) for h in hits], settings.passage_tokens, self._count_tokens
             )
-        references = [s.text for s in sources] + [m["content"] for m in history] + references
+        # copyable: passages, earlier turns, the caller's system message (where a chain puts
+        # its context), near-hit answers and the caller's references
+        caller_system = [system] if system else []
+        references = [s.text for s in sources] + [m["content"] for m in history] + caller_system + references
 
         # 3. the prompt: history cut to fit what the answer needs
         params = request.params
