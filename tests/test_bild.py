@@ -86,6 +86,18 @@ def test_lossless_equals_big_greedy(pair, fallback_threshold, max_draft):
     assert accepted < drafted  # and were cut sometimes
 
 
+def test_an_unsure_little_model_leaves_every_token_to_the_big_one(pair):
+    """fallback_threshold above 1: no draft ever, the big model decodes each token (greedy);
+    the little model still reads the prompt and each new token, one forward each."""
+    big, little = pair
+    prompt = random_prompts(len(big.tokenizer), 1, seed=8)[0]
+    ours = run(big, little, prompt, max_new_tokens=12, fallback_threshold=1.01)
+    assert ours.token_ids == greedy(big, prompt, max_new_tokens=12).token_ids
+    assert ours.stats.drafted_tokens == 0 and ours.stats.forward_passes == len(ours.token_ids)
+    # the prompt, then one token per step that had room for a draft (all but the last)
+    assert ours.stats.drafter_forward_passes == 1 + len(ours.token_ids) - 2
+
+
 def test_lossy_mode_keeps_only_tokens_the_big_model_finds_likely(pair):
     """Every token of the answer is the big model's argmax, or a little-model token whose
     cross-entropy under the big model is at most rollback_threshold."""
@@ -203,7 +215,7 @@ def test_smollm2_drafting_for_itself_equals_greedy(smollm2, tmp_path):
     out = tmp_path / "bild.json"
     code = main([
         "generate", "--model", "smollm2-135m-instruct", "--method", "bild", "--draft-model", "smollm2-135m-instruct",
-        "--rollback-threshold", "3", "--prompt", "Say hello.", "--max-new-tokens", "6", "--json", str(out),
+        "--rollback-threshold", "3", "--prompt", "What is the capital of France?", "--max-new-tokens", "6", "--json", str(out),
     ])
     assert code == 0
     stats = json.loads(out.read_text())["stats"]
