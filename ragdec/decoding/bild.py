@@ -42,7 +42,10 @@ class BiLDConfig:
     # uses about 2 to 5; 2 (p_big >= 0.14) is the strict end, chosen as the start because
     # the quality target allows at most a point of ROUGE-L below the big model's.
     rollback_threshold: float = 2.0
-    max_draft: int = 10  # most little-model steps before the big model verifies
+    # most little-model steps before the big model verifies: 20 as transformers' assisted
+    # decoding; on summaries the little model stays sure for long runs (probe: 6.9 tokens
+    # per big forward at 20 against 5.9 at 10)
+    max_draft: int = 20
     draft_model: object = None  # zoo name, folder or hub id, or a loaded Generator; None: LITTLE_MODELS
 
 
