@@ -35,8 +35,9 @@ about 15M multiply-adds per token and an LM head of 136M (151,936 x 896), so a s
 at layer 12 of 24 costs about 0.64 of a full forward, not 0.5. A stacked token that the
 lossless mode rolls back has cost its shallow step for nothing; the verify itself only
 adds the deep layers over the stack, batched. Without a calibrated adapter the exit agrees
-with the deep model rarely (qwen2.5-coder-0.5b-instruct at layer 12: 0.8% of held-out
-positions; 30% after ``ragdec free calibrate`` with the default 300 steps), so calibrate first.
+with the deep model rarely (qwen2.5-coder-0.5b-instruct, held-out xsum text: at layer 12,
+0.8% of positions, 30% after ``ragdec free calibrate`` with the default 300 steps; at
+layer 18, 12.6% before, 43% after), so calibrate first.
 """
 
 from __future__ import annotations
