@@ -39,9 +39,11 @@ class BenchConfig:
 
 
 def default_assistant(model: str) -> str:
-    """A smaller model for hf-assisted: the 0.5B Qwen for the 1.5B one (same vocabulary);
-    otherwise SmolLM2-135M, which transformers pairs across vocabularies."""
-    return "qwen2.5-coder-0.5b-instruct" if "1.5b" in model else "smollm2-135m-instruct"
+    """A smaller model for hf-assisted: BiLD's little model for the big one (same
+    vocabulary); otherwise SmolLM2-135M, which transformers pairs across vocabularies."""
+    from ragdec.decoding.bild import LITTLE_MODELS
+
+    return LITTLE_MODELS.get(Path(model).name, "smollm2-135m-instruct")
 
 
 def _median(values) -> float | None:

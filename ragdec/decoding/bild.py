@@ -29,7 +29,7 @@ from typing import Sequence
 
 from .greedy import ExactMatch
 from .kv import crop_to, new_cache
-from .methods import register_method
+from .methods import method_config, register_method
 
 # big model (zoo name) -> its little model: the same family, so the same tokenizer
 LITTLE_MODELS = {"qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-0.5b-instruct"}
@@ -184,17 +184,7 @@ def shared_vocab_size(big, little, little_name: str = "the little model") -> int
 
 
 def bild_config(options) -> BiLDConfig:
-    known = BiLDConfig.__dataclass_fields__
-    unknown = set(options) - set(known)
-    if unknown:
-        raise ValueError(f"unknown bild option(s) {sorted(unknown)}; options: {', '.join(known)}")
-    values = dict(options)
-    for name in ("fallback_threshold", "rollback_threshold"):
-        if name in values:
-            values[name] = float(values[name])
-    if "max_draft" in values:
-        values["max_draft"] = int(values["max_draft"])
-    return BiLDConfig(**values)
+    return method_config(BiLDConfig, options, "bild")
 
 
 def _drafter(generator, prompt_ids: Sequence[int], config: BiLDConfig) -> LittleModelDrafter:

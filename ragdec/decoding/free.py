@@ -50,7 +50,7 @@ from types import SimpleNamespace
 from typing import Sequence
 
 from .greedy import ExactMatch
-from .methods import register_method
+from .methods import method_config, register_method
 
 
 @dataclass(frozen=True)
@@ -64,20 +64,7 @@ class FreeConfig:
 
 
 def free_config(options) -> FreeConfig:
-    known = FreeConfig.__dataclass_fields__
-    unknown = set(options) - set(known)
-    if unknown:
-        raise ValueError(f"unknown free option(s) {sorted(unknown)}; options: {', '.join(known)}")
-    values = dict(options)
-    for name in ("exit_layer", "max_stack"):
-        if values.get(name) is not None:
-            values[name] = int(values[name])
-    for name in ("exit_threshold", "agree_posterior"):
-        if values.get(name) is not None:
-            values[name] = float(values[name])
-    if isinstance(values.get("adaptive"), (str, int)):
-        values["adaptive"] = str(values["adaptive"]).lower() in ("1", "true", "yes")
-    return FreeConfig(**values)
+    return method_config(FreeConfig, options, "free")
 
 
 # ---- the shallow-deep module -------------------------------------------------------------

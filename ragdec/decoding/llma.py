@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .cost import ForwardCost, forward_cost
 from .greedy import ExactMatch
-from .methods import register_method
+from .methods import method_config, register_method
 from .reference_index import ReferenceIndex
 
 
@@ -184,20 +184,7 @@ def build_index(
 
 
 def llma_config(options) -> LLMAConfig:
-    known = LLMAConfig.__dataclass_fields__
-    unknown = set(options) - set(known)
-    if unknown:
-        raise ValueError(f"unknown llma option(s) {sorted(unknown)}; options: {', '.join(known)}")
-    values = dict(options)
-    if values.get("copy_k") in ("auto", None):
-        values["copy_k"] = None
-    for name in ("trigger_n", "max_n", "copy_k", "max_copy"):
-        if values.get(name) is not None:
-            values[name] = int(values[name])
-    for name in ("variants", "memory"):
-        if isinstance(values.get(name), (str, int)):
-            values[name] = str(values[name]).lower() in ("1", "true", "yes")
-    return LLMAConfig(**values)
+    return method_config(LLMAConfig, options, "llma")
 
 
 @register_method("llma")

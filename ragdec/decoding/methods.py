@@ -34,6 +34,33 @@ def register_method(name: str):
     return register
 
 
+def method_config(config_class, options: Mapping[str, object], method: str):
+    """``config_class`` (a dataclass of a method's knobs) from ``options``, whose values may
+    be strings (command line, bench specs): each is converted by its field's annotation.
+    Unknown names are refused with the known ones listed.
+
+    Example: LLMAConfig with {"copy_k": "auto", "trigger_n": "2", "variants": "no"} ->
+    copy_k None (``auto`` and ``none`` mean None where a field may be None), trigger_n 2,
+    variants False.
+    """
+    fields = config_class.__dataclass_fields__
+    unknown = set(options) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {method} option(s) {sorted(unknown)}; options: {', '.join(fields)}")
+    values = {}
+    for name, value in options.items():
+        kind = str(fields[name].type)  # annotations are strings here: "int | None", "bool", ...
+        base = kind.split("|")[0].strip()
+        if isinstance(value, str) and value.lower() in ("auto", "none") and "None" in kind:
+            value = None
+        elif value is not None and base == "bool" and not isinstance(value, bool):
+            value = str(value).lower() in ("1", "true", "yes")
+        elif value is not None and base in ("int", "float"):
+            value = (int if base == "int" else float)(value)
+        values[name] = value
+    return config_class(**values)
+
+
 # modules that register methods; imported on first use to keep imports light
 BUILTIN_METHOD_MODULES = ("ragdec.decoding.llma", "ragdec.decoding.pid", "ragdec.decoding.bild", "ragdec.decoding.free")
 
