@@ -17,6 +17,7 @@ from typing import Sequence
 
 from . import forced  # noqa: F401  (registers the forced-decoding methods)
 from .machine import machine_info
+from .quality import quality
 from .runners import HF_METHODS, ForwardCounter, Run, run_hf, run_ragdec
 from .workloads import load_workload
 
@@ -34,6 +35,7 @@ class BenchConfig:
     assistant: str | None = None  # hf-assisted's draft model; default chosen per target
     options: dict = field(default_factory=dict)  # knobs passed to ragdec methods
     warmup: int = 1  # prompts run once per method before timing
+    dtype: str | None = None  # the models' weights: float32 (None) or bfloat16
     prompt_lookup_num_tokens: int = 10  # transformers' defaults
     max_matching_ngram_size: int = 2
 
@@ -44,6 +46,18 @@ def default_assistant(model: str) -> str:
     from ragdec.decoding.bild import LITTLE_MODELS
 
     return LITTLE_MODELS.get(Path(model).name, "smollm2-135m-instruct")
+
+
+def _int8_copy(assistant):
+    import copy
+
+    from ragdec.decoding.bild import quantize_int8
+
+    if assistant is None:
+        raise ValueError("hf-assisted:int8=1 needs an assistant model (--assistant)")
+    quantized = copy.copy(assistant)
+    quantized.model = quantize_int8(assistant.model)  # a quantized copy; the float model stays
+    return quantized
 
 
 def _median(values) -> float | None:
@@ -76,9 +90,11 @@ def _number_or_text(value: str):
     return value
 
 
-def summarize(runs: dict[str, list[Run]]) -> dict:
+def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = None, targets=None) -> dict:
     """Per-method medians; speedups are per-prompt ratios to the reference method
-    (hf-greedy, or the first method where hf-greedy did not run), then the median."""
+    (hf-greedy, or the first method where hf-greedy did not run), then the median.
+    With ``texts`` (each method's decoded outputs) and ``targets`` (per prompt), ROUGE-L
+    against the targets and against the reference method's output are added."""
     reference_name = "hf-greedy" if "hf-greedy" in runs else next(iter(runs))
     reference = runs[reference_name]
     suffix = reference_name.replace("-", "_")
@@ -106,6 +122,8 @@ def summarize(runs: dict[str, list[Run]]) -> dict:
             entry[f"identical_to_{suffix}"] = _round(
                 sum(r.token_ids == ref.token_ids for r, ref in zip(method_runs, reference)) / len(method_runs), 4
             )
+        if texts is not None:
+            entry.update(quality(texts[method], targets, texts[reference_name]))
         summary[method] = entry
     return summary
 
@@ -124,14 +142,15 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     prompts = load_workload(config.workload, config.data, config.limit)
     if not prompts:
         raise ValueError(f"workload {config.workload!r} has no prompts")
-    generator = Generator.load(config.model)
+    generator = Generator.load(config.model, config.dtype)
     assistant = None
     if any(parse_method(m)[0] == "hf-assisted" for m in config.methods):
-        assistant = Generator.load(config.assistant or default_assistant(config.model))
+        assistant = Generator.load(config.assistant or default_assistant(config.model), config.dtype)
     counter = ForwardCounter(generator.model)
     prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
 
     states: dict[str, dict] = {}
+    assistants: dict[str, object] = {}
 
     def run_one(spec: str, i: int, max_new_tokens: int) -> Run:
         method, options = parse_method(spec)
@@ -142,8 +161,13 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
                 prompt_lookup_num_tokens=config.prompt_lookup_num_tokens,
                 max_matching_ngram_size=config.max_matching_ngram_size,
             )
+            if method == "hf-early-exit" and "exit_layer" in config.options:  # --exit-layer, as free's
+                lookup["exit_layer"] = config.options["exit_layer"]
             lookup.update(options)
-            return run_hf(method, generator, prompt_ids[i], max_new_tokens, counter, assistant, **lookup)
+            drafter = assistant
+            if lookup.pop("int8", False):  # hf-assisted:int8=1 drafts with BiLD's int8 little model
+                drafter = assistants.setdefault("int8", _int8_copy(assistant))
+            return run_hf(method, generator, prompt_ids[i], max_new_tokens, counter, drafter, **lookup)
         options = {**config.options, **options}
         if config.workload in FORCED_WORKLOADS:
             options["forced_answer"] = prompts[i].forced_answer
@@ -168,6 +192,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             "limit": config.limit,
             "prompts": len(prompts),
             "max_new_tokens": config.max_new_tokens,
+            "dtype": config.dtype or "float32",
             "warmup_prompts": config.warmup,
             "mean_prompt_tokens": round(statistics.mean(len(p) for p in prompt_ids), 1),
             "assistant": (config.assistant or default_assistant(config.model)) if assistant else None,
@@ -175,14 +200,17 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             "max_matching_ngram_size": config.max_matching_ngram_size,
             "options": config.options,
         },
-        "methods": summarize(runs),
+        "methods": summarize(
+            runs, {m: [generator.decode_text(r.token_ids) for r in rs] for m, rs in runs.items()}, [p.targets for p in prompts]
+        ),
     }
 
 
 def format_table(result: dict) -> str:
     first = next(iter(result["methods"].values()))
     ratio_columns = [c for c in first if c.startswith(("speedup_vs_", "identical_to_"))]
-    columns = ["tokens_per_s", *ratio_columns, "mean_tokens_per_forward", "mean_new_tokens", "ttft_s", "e2e_s"]
+    quality_columns = [c for c in ("rougeL", "rougeL_vs_reference_method") if first.get(c) is not None]
+    columns = ["tokens_per_s", *ratio_columns, *quality_columns, "mean_tokens_per_forward", "mean_new_tokens", "ttft_s", "e2e_s"]
     header = ["method"] + columns
     rows = [[name] + ["-" if v.get(c) is None else str(v.get(c)) for c in columns] for name, v in result["methods"].items()]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-HF_METHODS = ("hf-greedy", "hf-prompt-lookup", "hf-assisted")
+HF_METHODS = ("hf-greedy", "hf-prompt-lookup", "hf-assisted", "hf-early-exit")
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,13 @@ def run_hf(
     assistant=None,
     prompt_lookup_num_tokens: int = 10,  # transformers' defaults
     max_matching_ngram_size: int = 2,
+    exit_layer: int | None = None,
 ) -> Run:
-    """model.generate(do_sample=False) as a user would call it, with or without a drafter."""
+    """model.generate(do_sample=False) as a user would call it, with or without a drafter.
+
+    hf-early-exit is transformers' self-speculative ``assistant_early_exit``: the first
+    ``exit_layer`` layers and the LM head draft, the whole model verifies (default: half
+    the depth, as FREE's default exit layer)."""
     import torch
 
     input_ids = torch.tensor([list(prompt_ids)])
@@ -93,6 +98,8 @@ def run_hf(
         if assistant.tokenizer.get_vocab() != generator.tokenizer.get_vocab():
             # universal assisted decoding: the two tokenizers differ
             kwargs.update(tokenizer=generator.tokenizer, assistant_tokenizer=assistant.tokenizer)
+    elif method == "hf-early-exit":
+        kwargs["assistant_early_exit"] = exit_layer or generator.model.config.num_hidden_layers // 2
     elif method != "hf-greedy":
         raise ValueError(f"unknown baseline {method!r}; baselines: {', '.join(HF_METHODS)}")
     clock = _FirstTokenClock()

@@ -6,6 +6,7 @@ it is never copied into the repository.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class BenchPrompt:
     messages: tuple[dict, ...]  # OpenAI-style chat messages
     references: tuple[str, ...] = ()  # text the method may copy from
     forced_answer: str | None = None  # for forced-output workloads
+    targets: tuple[str, ...] = ()  # reference outputs (gold summary, answers) that ROUGE-L scores against
 
 
 def data_dir(explicit: str | None = None) -> Path:
@@ -97,6 +99,52 @@ def specbench(data: Path) -> list[BenchPrompt]:
     return _interleave(by_category["rag"], by_category["summarization"])
 
 
+def xsum(data: Path) -> list[BenchPrompt]:
+    """XSum documents to summarize in one sentence; the gold summary is the target. Nothing
+    is given to copy from (BiLD and FREE need none)."""
+    return [
+        BenchPrompt(
+            ({"role": "user", "content": f"Summarize the following article in one sentence.\n\n{r['document']}"},),
+            targets=(r["summary"],),
+        )
+        for r in read_jsonl(data / "summarize" / "xsum.jsonl")
+    ]
+
+
+def squad(data: Path) -> list[BenchPrompt]:
+    """SQuAD questions with their passage in the prompt; the gold answers are the targets."""
+    passages = {r["id"]: r for r in read_jsonl(data / "qa" / "squad_passages.jsonl")}
+    prompts = []
+    for r in read_jsonl(data / "qa" / "squad_questions.jsonl"):
+        passage = passages.get(r["passage_id"])
+        if passage is None:
+            continue
+        answers = r["answers"]
+        if isinstance(answers, str):  # stored as the text of a Python list
+            answers = ast.literal_eval(answers) if answers.startswith("[") else [answers]
+        content = (
+            f"{passage['title']}\n{passage['text']}\n\n"
+            f"Answer the question with a short answer taken from the passage above.\nquestion: {r['question']}"
+        )
+        prompts.append(BenchPrompt(({"role": "user", "content": content},), targets=tuple(answers)))
+    return prompts
+
+
+def specbench_qa_translation(data: Path) -> list[BenchPrompt]:
+    """Spec-Bench's qa (Natural Questions, no passage) and translation (WMT, German to
+    English) categories, first turn, interleaved; translations carry their reference."""
+    rows = read_jsonl(data / "specbench" / "question.jsonl")
+    by_category = {
+        category: [
+            BenchPrompt(({"role": "user", "content": r["turns"][0]},), targets=tuple(r.get("reference") or ()))
+            for r in rows
+            if r["category"] == category
+        ]
+        for category in ("qa", "translation")
+    }
+    return _interleave(by_category["qa"], by_category["translation"])
+
+
 CHAT_TURN = 3  # answer the 3rd question of each story, after two earlier turns
 
 
@@ -133,6 +181,9 @@ WORKLOADS: dict[str, Callable[[Path], list[BenchPrompt]]] = {
     "summarize": summarize,
     "specbench": specbench,
     "chat": chat,
+    "xsum": xsum,
+    "squad": squad,
+    "specbench-qa-translation": specbench_qa_translation,
 }
 
 

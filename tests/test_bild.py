@@ -17,6 +17,7 @@ from ragdec.decoding.generator import Generator
 from ragdec.decoding.kv import kv_len, new_cache
 from ragdec.decoding.methods import GenerationParams, method_factory
 from ragdec.decoding.stopping import StopCondition
+from ragdec.decoding.zoo import model_status
 
 PADDING_ROWS = 7  # the little model's embedding is padded past the tokenizer, as Qwen's is
 
@@ -195,7 +196,25 @@ def test_no_little_model_and_unknown_options_are_refused(pair):
     with pytest.raises(ValueError, match="no little model is paired"):
         big.generate([5, 6, 7], GenerationParams(4, method="bild"))
     with pytest.raises(ValueError, match="unknown bild option"):
-        run(big, little, [5, 6, 7], max_new_tokens=4, copy_k=4)
+        run(big, little, [5, 6, 7], max_new_tokens=4, fallback_treshold=0.5)  # a typo
+    # another method's knob passes (the router sends one set of options to whichever
+    # method it picks): llma's copy_k changes nothing here
+    assert run(big, little, [5, 6, 7], max_new_tokens=6, copy_k=4).token_ids == run(big, little, [5, 6, 7], max_new_tokens=6).token_ids
+
+
+def test_int8_little_model_drafts_and_lossless_stays_lossless(pair):
+    """The int8 drafter (the default for a little model loaded by name) proposes other
+    tokens than the float one at times; the big model still decides."""
+    from ragdec.decoding.bild import quantize_int8
+
+    big, little = pair
+    quantized = Generator(quantize_int8(little.model), little.tokenizer, "tiny-little-int8")
+    assert type(quantized.model.lm_head).__module__.startswith("torch.ao.nn.quantized")
+    assert type(little.model.lm_head) is torch.nn.Linear  # the float model is untouched
+    for prompt in random_prompts(len(big.tokenizer), count=4, seed=3):
+        expected = greedy(big, prompt).token_ids
+        assert run(big, quantized, prompt, method="bild-lossless").token_ids == expected
+        assert run(big, quantized, prompt, rollback_threshold=0.0).token_ids == expected
 
 
 @pytest.mark.real_model
@@ -208,7 +227,9 @@ def test_smollm2_drafting_for_itself_equals_greedy(smollm2, tmp_path):
         ids = smollm2.prompt_ids(prompt)
         expected = smollm2.generate(ids, GenerationParams(16))
         for method in ("bild", "bild-lossless"):
-            params = GenerationParams(16, method=method, options={"draft_model": "smollm2-135m-instruct"})
+            # float drafts (the int8 default may propose other tokens, which lossy bild may keep)
+            options = {"draft_model": "smollm2-135m-instruct", "draft_int8": False}
+            params = GenerationParams(16, method=method, options=options)
             ours = smollm2.generate(ids, params)
             assert ours.token_ids == expected.token_ids, method
             assert ours.stats.accepted_tokens >= ours.stats.new_tokens // 2
@@ -220,3 +241,23 @@ def test_smollm2_drafting_for_itself_equals_greedy(smollm2, tmp_path):
     assert code == 0
     stats = json.loads(out.read_text())["stats"]
     assert stats["drafter_forward_passes"] > 0 and stats["new_tokens"] > 0
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(
+    not all(model_status(n) == "prepared" for n in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")),
+    reason="the real pair is not prepared: ragdec models prepare qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct",
+)
+def test_real_pair_lossless_and_full_rollback_equal_big_greedy():
+    """qwen2.5-coder-1.5b with its zoo little model (int8): both modes that promise the
+    big model's output give it token for token, and the router picks bild for the pair."""
+    from ragdec.pipelines.router import default_method
+
+    big = Generator.load("qwen2.5-coder-1.5b-instruct")
+    assert default_method(big.name) == "bild"
+    for prompt in ("Summarize in one sentence: The city council approved a new park on Monday.", "Who wrote Hamlet?"):
+        ids = big.prompt_ids(prompt)
+        expected = big.generate(ids, GenerationParams(12)).token_ids
+        lossless = big.generate(ids, GenerationParams(12, method="bild-lossless"))
+        assert lossless.token_ids == expected and lossless.stats.accepted_tokens > 0
+        assert big.generate(ids, GenerationParams(12, method="bild", options={"rollback_threshold": 0.0})).token_ids == expected

@@ -73,6 +73,29 @@ def test_lossless_with_stop_strings_and_the_adaptive_threshold(tiny_generator, n
         assert (ours.token_ids, ours.text) == (expected.token_ids, expected.text)
 
 
+def test_exit_vocabulary_is_the_first_ids_and_the_prompts():
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(4, 100, bias=False)
+    ids = free.exit_vocabulary([3, 50, 99, 50, 7], 10, model)
+    assert ids.tolist() == [*range(10), 50, 99]
+    assert free.exit_vocabulary([3], 0, model) is None and free.exit_vocabulary([3], 100, model) is None
+
+
+def test_lossless_with_a_small_exit_vocabulary_equals_greedy(tiny_generator, noisy_adapter):
+    """The exit head scores a tenth of the vocabulary (plus the prompt's tokens): its drafts
+    are argmaxes over that set, mapped back to token ids, and the deep pass still decides."""
+    size = len(tiny_generator.tokenizer) // 10
+    drafted = 0
+    for prompt in random_prompts(len(tiny_generator.tokenizer), 4, seed=21):
+        ours = run_free(tiny_generator, prompt, exit_layer=1, exit_threshold=0.0, exit_vocab=size, max_stack=6)
+        assert ours.token_ids == greedy(tiny_generator, prompt).token_ids
+        drafted += ours.stats.drafted_tokens
+    assert drafted > 0
+    lossy = run_free(tiny_generator, prompt, "free", exit_layer=1, exit_threshold=0.0, exit_vocab=size, max_stack=4)
+    assert lossy.stats.drafted_tokens > 0
+    assert lossy.stats.accepted_tokens == lossy.stats.drafted_tokens  # lossy keeps every exited token
+
+
 def test_lossy_keeps_the_exited_tokens(tiny_generator, noisy_adapter):
     prompt = random_prompts(len(tiny_generator.tokenizer), 1, seed=3)[0]
     out = run_free(tiny_generator, prompt, "free", exit_layer=1, exit_threshold=0.0, max_stack=4)

@@ -76,6 +76,22 @@ def test_build_prompt_drops_oldest_turns_and_marks_the_kept_prefix():
         build_prompt(template, "sys", [], "word " * 100, max_prompt_tokens=60)
 
 
+def test_default_method_is_bild_only_for_a_prepared_pair(tmp_path, monkeypatch):
+    from ragdec.decoding import zoo
+    from ragdec.pipelines.router import default_method
+
+    monkeypatch.setenv("RAGDEC_HOME", str(tmp_path))  # nothing prepared here
+    assert default_method("qwen2.5-coder-1.5b-instruct") == "greedy"
+    prepared = set()
+    monkeypatch.setattr(zoo, "model_status", lambda name: "prepared" if name in prepared else "missing")
+    prepared.add("qwen2.5-coder-1.5b-instruct")
+    assert default_method("qwen2.5-coder-1.5b-instruct") == "greedy"  # its little model is missing
+    prepared.add("qwen2.5-coder-0.5b-instruct")
+    assert default_method("qwen2.5-coder-1.5b-instruct") == "bild"
+    assert default_method("qwen2.5-coder-0.5b-instruct") == "greedy"  # no little model for it
+    assert default_method("tiny-llama") == "greedy"
+
+
 def test_router_keeps_a_forced_method_and_routes_auto():
     router = Router(default="greedy")
     assert router.choose("greedy", has_references=True) == "greedy"

@@ -51,12 +51,19 @@ def _method_options(args) -> dict:
     return options
 
 
+def add_dtype_argument(parser) -> None:
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="the model's weights (default float32); "
+        "bfloat16 reads prompts 10x faster on CPUs with AMX, with output that may differ from float32's"
+    )
+
+
 def _add_method_knobs(parser) -> None:
     parser.add_argument("--trigger-n", type=int, help="llma: shortest match that triggers a copy (default 1)")
     parser.add_argument("--copy-k", help="llma: draft length, or 'auto' to choose it per step from the cost model (default)")
     parser.add_argument("--draft-model", help="bild: the little model, sharing the big model's tokenizer (default: the zoo's pair)")
-    parser.add_argument("--fallback-threshold", type=float, help="bild: the little model drafts while its top probability is at least this (default 0.6)")
-    parser.add_argument("--rollback-threshold", type=float, help="bild: a draft token rolls back where the big model's cross-entropy of it exceeds this (default 2.0)")
+    parser.add_argument("--fallback-threshold", type=float, help="bild: the little model drafts while its top probability is at least this (default 0.3; bild-lossless 0.6)")
+    parser.add_argument("--rollback-threshold", type=float, help="bild: a draft token rolls back where the big model's cross-entropy of it exceeds this (default 3.0)")
     parser.add_argument("--exit-layer", type=int, help="free: layers in the shallow model (default: half the depth)")
     parser.add_argument("--exit-threshold", type=float, help="free: shallow confidence needed to exit; the adaptive threshold's start (default 0.9)")
 
@@ -66,7 +73,7 @@ def cmd_generate(args) -> int:
     from ragdec.decoding.methods import GenerationParams
 
     references = [Path(f).read_text(encoding="utf-8") for f in args.reference_file]
-    generator = Generator.load(args.model)
+    generator = Generator.load(args.model, args.dtype)
     prompt_ids = generator.prompt_ids(args.prompt, chat=not args.raw)
     params = GenerationParams(
         max_new_tokens=args.max_new_tokens, stop=tuple(args.stop), method=args.method, options=_method_options(args)
@@ -142,6 +149,7 @@ def cmd_bench(args) -> int:
         data=args.data,
         assistant=args.assistant or args.draft_model,  # hf-assisted drafts with bild's little model
         warmup=args.warmup,
+        dtype=args.dtype,
         prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
         max_matching_ngram_size=args.max_matching_ngram_size,
         options=_method_options(args),
@@ -174,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--reference-file", action="append", default=[], metavar="F", help="text a method may copy from (repeatable)")
     gen.add_argument("--raw", action="store_true", help="no chat template: the prompt is the model's input as is")
     _add_method_knobs(gen)
+    add_dtype_argument(gen)
     gen.add_argument("--json", metavar="PATH", help="write text, token ids and stats as JSON")
     gen.set_defaults(func=cmd_generate)
 
@@ -198,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt-lookup-num-tokens", type=int, default=10)
     bench.add_argument("--max-matching-ngram-size", type=int, default=2)
     _add_method_knobs(bench)
+    add_dtype_argument(bench)
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, default=5, help="qa: passages retrieved per question")
     bench.add_argument("--turns", type=int, default=5, help="chat-pipeline: questions asked per CoQA story")

@@ -21,7 +21,7 @@ def build_pipeline(args):
 
     from ragdec.decoding.generator import Generator, configure_threads
     from ragdec.pipelines.rag import RagPipeline, RagSettings
-    from ragdec.pipelines.router import Router
+    from ragdec.pipelines.router import Router, default_method
     from ragdec.retrieval.retriever import Retriever
 
     configure_threads()
@@ -39,7 +39,7 @@ def build_pipeline(args):
         cache = QACache.open(Path(args.db).expanduser() if args.db else default_db())
     generator = Generator.load(args.model)
     settings = RagSettings(k=args.k, search_mode=args.mode, cache_answers=not args.no_cache)
-    return RagPipeline(generator, retriever, cache, settings, Router(default=args.default_method))
+    return RagPipeline(generator, retriever, cache, settings, Router(default=args.default_method or default_method(args.model)))
 
 
 def _params(args):
@@ -222,7 +222,10 @@ def _add_common(parser) -> None:
     parser.add_argument("--store", metavar="DIR", help="document store built by `ragdec index build` (none: the model alone)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="answer model: zoo name, local folder or hub id")
     parser.add_argument("--method", default="auto", help="decoding method; auto: llma when there is text to copy, else --default-method")
-    parser.add_argument("--default-method", default="greedy", help="what auto picks when there is nothing to copy")
+    parser.add_argument(
+        "--default-method", help="what auto picks when there is nothing to copy (default: bild for a big model whose "
+        "little model is prepared, else greedy)"
+    )
     parser.add_argument("-k", type=int, default=5, help="passages retrieved per question")
     parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default="dense", help="retrieval mode")
     parser.add_argument("--max-new-tokens", type=int, default=256)

@@ -15,10 +15,11 @@ from typing import Sequence
 
 from .cost import ForwardCost, forward_cost
 from .greedy import ExactMatch
-from .methods import method_config, register_method
+from .methods import method_config, method_options, register_method
 from .reference_index import ReferenceIndex
 
 
+@method_options
 @dataclass(frozen=True)
 class LLMAConfig:
     trigger_n: int = 1  # shortest match that triggers a copy; the cost model drafts little on weak matches

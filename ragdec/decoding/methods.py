@@ -34,21 +34,38 @@ def register_method(name: str):
     return register
 
 
+# every method's knobs (dataclasses registered with ``method_options``)
+OPTION_CLASSES: list[type] = []
+
+
+def method_options(config_class: type) -> type:
+    """Register a method's dataclass of knobs, so that other methods let its knobs pass."""
+    OPTION_CLASSES.append(config_class)
+    return config_class
+
+
 def method_config(config_class, options: Mapping[str, object], method: str):
     """``config_class`` (a dataclass of a method's knobs) from ``options``, whose values may
     be strings (command line, bench specs): each is converted by its field's annotation.
-    Unknown names are refused with the known ones listed.
+    Names that are another method's knobs are ignored (the pipeline's router sends one set
+    of options to whichever method it picks); names no method knows are refused with the
+    known ones listed.
 
     Example: LLMAConfig with {"copy_k": "auto", "trigger_n": "2", "variants": "no"} ->
     copy_k None (``auto`` and ``none`` mean None where a field may be None), trigger_n 2,
     variants False.
     """
     fields = config_class.__dataclass_fields__
-    unknown = set(options) - set(fields)
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)
+    others = {name for cls in OPTION_CLASSES for name in cls.__dataclass_fields__}
+    unknown = set(options) - set(fields) - others
     if unknown:
         raise ValueError(f"unknown {method} option(s) {sorted(unknown)}; options: {', '.join(fields)}")
     values = {}
     for name, value in options.items():
+        if name not in fields:
+            continue  # another method's knob (a router or a bench passes one set to every method)
         kind = str(fields[name].type)  # annotations are strings here: "int | None", "bool", ...
         base = kind.split("|")[0].strip()
         if isinstance(value, str) and value.lower() in ("auto", "none") and "None" in kind:

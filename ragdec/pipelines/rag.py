@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 from ragdec.decoding.methods import GenerationParams
 
 from .prompts import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, RequestError, Source, build_prompt, fit_sources, retrieval_query, split_messages, user_message
-from .router import Router
+from .router import Router, default_method
 from .types import AUTO, AnswerInfo, Chunk, Request
 
 BATCH_METHODS = frozenset({"pid", "pid-llma"})  # methods that answer a group of requests at once
@@ -60,7 +60,7 @@ class RagPipeline:
         self.retriever = retriever  # ragdec.retrieval.Retriever, or None to answer from the request alone
         self.cache = cache  # ragdec.cache.QACache, or None
         self.settings = settings or RagSettings()
-        self.router = router or Router()
+        self.router = router or Router(default=default_method(getattr(generator, "name", "")))
 
     @property
     def store_version(self) -> str:
