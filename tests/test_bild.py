@@ -250,11 +250,11 @@ def test_smollm2_drafting_for_itself_equals_greedy(smollm2, tmp_path):
 )
 def test_real_pair_lossless_and_full_rollback_equal_big_greedy():
     """qwen2.5-coder-1.5b with its zoo little model (int8): both modes that promise the
-    big model's output give it token for token, and the router picks bild for the pair."""
+    big model's output give it token for token, and the router picks bild-lossless for the pair."""
     from ragdec.pipelines.router import default_method
 
     big = Generator.load("qwen2.5-coder-1.5b-instruct")
-    assert default_method(big.name) == "bild"
+    assert default_method(big.name) == "bild-lossless"
     for prompt in ("Summarize in one sentence: The city council approved a new park on Monday.", "Who wrote Hamlet?"):
         ids = big.prompt_ids(prompt)
         expected = big.generate(ids, GenerationParams(12)).token_ids

@@ -203,6 +203,25 @@ def test_calibration_trains_and_saves_only_the_adapter(tiny_generator, tmp_path,
         tiny_generator.method_state.pop("free", None)
 
 
+def test_calibration_text_windows(tmp_path):
+    import json
+
+    from ragdec.decoding.free_calibrate import read_texts, sequences
+
+    data = tmp_path / "cnndm.jsonl"
+    data.write_text(json.dumps({"prompt": "Summarize", "docs": ["first passage", "second passage"]}) + "\n", encoding="utf-8")
+    assert read_texts(data) == ["first passage\n\nsecond passage"]
+
+    class Words:  # a tokenizer of one token per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    windows = sequences(Words(), ["a" * 10, "b" * 3, "c" * 25], seq_len=4, count=6, per_text=4)
+    assert windows == [[97] * 4] * 2 + [[99] * 4] * 4  # 2 windows of the first, none of the short one
+    with pytest.raises(ValueError, match="only 2 windows"):
+        sequences(Words(), ["a" * 10], seq_len=4, count=5)
+
+
 def test_methods_are_registered():
     from ragdec.decoding.methods import BUILTIN_METHOD_MODULES, METHODS, method_factory
 

@@ -87,7 +87,7 @@ def test_default_method_is_bild_only_for_a_prepared_pair(tmp_path, monkeypatch):
     prepared.add("qwen2.5-coder-1.5b-instruct")
     assert default_method("qwen2.5-coder-1.5b-instruct") == "greedy"  # its little model is missing
     prepared.add("qwen2.5-coder-0.5b-instruct")
-    assert default_method("qwen2.5-coder-1.5b-instruct") == "bild"
+    assert default_method("qwen2.5-coder-1.5b-instruct") == "bild-lossless"
     assert default_method("qwen2.5-coder-0.5b-instruct") == "greedy"  # no little model for it
     assert default_method("tiny-llama") == "greedy"
 

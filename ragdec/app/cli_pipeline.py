@@ -37,7 +37,7 @@ def build_pipeline(args):
         from ragdec.cache.lookup import QACache
 
         cache = QACache.open(Path(args.db).expanduser() if args.db else default_db())
-    generator = Generator.load(args.model)
+    generator = Generator.load(args.model, args.dtype)
     settings = RagSettings(k=args.k, search_mode=args.mode, cache_answers=not args.no_cache)
     return RagPipeline(generator, retriever, cache, settings, Router(default=args.default_method or default_method(args.model)))
 
@@ -217,14 +217,14 @@ def cmd_chat(args) -> int:
 
 
 def _add_common(parser) -> None:
-    from ragdec.app.cli import _add_method_knobs
+    from ragdec.app.cli import _add_method_knobs, add_dtype_argument
 
     parser.add_argument("--store", metavar="DIR", help="document store built by `ragdec index build` (none: the model alone)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="answer model: zoo name, local folder or hub id")
     parser.add_argument("--method", default="auto", help="decoding method; auto: llma when there is text to copy, else --default-method")
     parser.add_argument(
-        "--default-method", help="what auto picks when there is nothing to copy (default: bild for a big model whose "
-        "little model is prepared, else greedy)"
+        "--default-method", help="what auto picks when there is nothing to copy (default: bild-lossless for a big "
+        "model whose little model is prepared, else greedy)"
     )
     parser.add_argument("-k", type=int, default=5, help="passages retrieved per question")
     parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default="dense", help="retrieval mode")
@@ -232,6 +232,7 @@ def _add_common(parser) -> None:
     parser.add_argument("--db", help="QA cache file (default: $RAGDEC_HOME/qa-cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the QA cache")
     _add_method_knobs(parser)
+    add_dtype_argument(parser)
 
 
 def register(subparsers) -> None:

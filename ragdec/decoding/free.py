@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -59,10 +59,17 @@ class FreeConfig:
     exit_layer: int | None = None  # layers in the shallow model; None: half the depth
     exit_threshold: float = 0.9  # shallow confidence needed to exit; the start value when adaptive
     adaptive: bool = True  # move exit_threshold with the Beta mixture fitted to the deep passes' pairs
-    agree_posterior: float = 0.9  # adaptive: exit where P(shallow agrees with deep | confidence) reaches this
+    # adaptive: exit where P(shallow agrees with deep | confidence) reaches this. None: per
+    # mode. free 0.9: an exited token stands unchecked, so it must be right. free-lossless
+    # 0.5: the deep pass checks every draft; a wrong one costs its shallow step, a right one
+    # saves a separate deep pass, about as much, so a draft pays from even odds.
+    agree_posterior: float | None = None
     max_stack: int = 16  # most tokens stacked before a deep pass is forced
     exit_vocab: int = 16384  # the exit head scores these first token ids and the prompt's; 0: all
     adapter: str | None = None  # adapter file; None: $RAGDEC_HOME/free/<model>/layer<L>.safetensors if saved
+
+
+DEFAULT_AGREE_POSTERIOR = {"free": 0.9, "free-lossless": 0.5}  # see FreeConfig.agree_posterior
 
 
 def free_config(options) -> FreeConfig:
@@ -431,6 +438,8 @@ def build_free(generator, prompt_ids: Sequence[int], config: FreeConfig, lossles
         dtype = next(model.parameters()).dtype
         state.adapters[key] = load_adapter(path, model.config.hidden_size, dtype).eval() if path.exists() else None
     mode = "free-lossless" if lossless else "free"
+    if config.agree_posterior is None:
+        config = replace(config, agree_posterior=DEFAULT_AGREE_POSTERIOR[mode])
     threshold = state.thresholds.get((mode, exit_layer))
     if threshold is None or not config.adaptive or (threshold.adaptive, threshold.agree_posterior) != (True, config.agree_posterior):
         threshold = ExitThreshold(config.exit_threshold, config.adaptive, config.agree_posterior)

@@ -33,10 +33,10 @@ from .free import adapter_path, exit_adapter
 @dataclass(frozen=True)
 class CalibrationConfig:
     exit_layer: int
-    steps: int = 300  # optimizer steps over the cached teacher outputs
+    steps: int = 500  # optimizer steps over the cached teacher outputs
     seq_len: int = 64  # tokens per training sequence; short keeps the teacher pass cheap
-    train_sequences: int = 48  # 48 x 64 = 3,072 training positions
-    heldout_sequences: int = 12
+    train_sequences: int = 160  # 160 x 64 = 10,240 training positions
+    heldout_sequences: int = 16
     batch_positions: int = 256  # positions per step
     top_k: int = 32  # teacher tokens kept per position
     rank: int = 64  # adapter rank
@@ -68,9 +68,12 @@ def read_texts(path: Path, limit: int = 2000) -> list[str]:
         with path.open(encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)
-                for field in ("document", "text", "context", "article", "summary"):
-                    if isinstance(record.get(field), str) and record[field].strip():
-                        texts.append(record[field])
+                for field in ("document", "text", "context", "article", "docs", "summary"):
+                    value = record.get(field)
+                    if isinstance(value, list):  # a list of passages (llma_cnndm's docs)
+                        value = "\n\n".join(v for v in value if isinstance(v, str))
+                    if isinstance(value, str) and value.strip():
+                        texts.append(value)
                         break
                 if len(texts) >= limit:
                     break
@@ -81,17 +84,22 @@ def read_texts(path: Path, limit: int = 2000) -> list[str]:
     return texts
 
 
-def sequences(tokenizer, texts: Sequence[str], seq_len: int, count: int) -> list[list[int]]:
-    """Up to ``count`` token windows of ``seq_len``, one per text (texts too short skipped)."""
+def sequences(tokenizer, texts: Sequence[str], seq_len: int, count: int, per_text: int = 4) -> list[list[int]]:
+    """Up to ``count`` token windows of ``seq_len``, at most ``per_text`` consecutive ones
+    from each text (texts too short skipped)."""
     out = []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= seq_len:
-            out.append(ids[:seq_len])
+        for start in range(0, min(len(ids) - seq_len + 1, per_text * seq_len), seq_len):
+            out.append(ids[start : start + seq_len])
         if len(out) >= count:
+            out = out[:count]
             break
     if len(out) < count:
-        raise ValueError(f"only {len(out)} texts have {seq_len} tokens; give more text or lower --seq-len")
+        raise ValueError(
+            f"only {len(out)} windows of {seq_len} tokens in the text, {count} needed: "
+            "give more text, or lower --seq-len or --train-sequences"
+        )
     return out
 
 
