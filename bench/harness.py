@@ -36,6 +36,7 @@ class BenchConfig:
     options: dict = field(default_factory=dict)  # knobs passed to ragdec methods
     warmup: int = 1  # prompts run once per method before timing
     dtype: str | None = None  # the models' weights: float32 (None) or bfloat16
+    max_prompt_tokens: int | None = None  # skip longer prompts (a float32 prefill of a long article costs minutes)
     prompt_lookup_num_tokens: int = 10  # transformers' defaults
     max_matching_ngram_size: int = 2
 
@@ -122,6 +123,12 @@ def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = N
             entry[f"identical_to_{suffix}"] = _round(
                 sum(r.token_ids == ref.token_ids for r, ref in zip(method_runs, reference)) / len(method_runs), 4
             )
+        if method_runs and method_runs[0].drafted_tokens is not None:
+            # of all new tokens: the share drafted (FREE: the exit rate, tokens that left at
+            # the exit layer) and the share that stood (BiLD: the little model's tokens kept)
+            new_tokens = max(1, sum(len(r.token_ids) for r in method_runs))
+            entry["drafted_share"] = _round(sum(r.drafted_tokens for r in method_runs) / new_tokens)
+            entry["accepted_draft_share"] = _round(sum(r.accepted_tokens for r in method_runs) / new_tokens)
         if texts is not None:
             entry.update(quality(texts[method], targets, texts[reference_name]))
         summary[method] = entry
@@ -139,15 +146,22 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     from ragdec.decoding.generator import Generator, configure_threads
 
     configure_threads()
-    prompts = load_workload(config.workload, config.data, config.limit)
-    if not prompts:
-        raise ValueError(f"workload {config.workload!r} has no prompts")
+    load_workload(config.workload, config.data, limit=1)  # a bad name or data folder fails before the model loads
     generator = Generator.load(config.model, config.dtype)
+    if config.max_prompt_tokens:  # the first ``limit`` prompts that fit
+        prompts = load_workload(config.workload, config.data)
+        ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
+        kept = [i for i, p in enumerate(ids) if len(p) <= config.max_prompt_tokens][: config.limit]
+        prompts, prompt_ids = [prompts[i] for i in kept], [ids[i] for i in kept]
+    else:
+        prompts = load_workload(config.workload, config.data, config.limit)
+        prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
+    if not prompts:
+        raise ValueError(f"workload {config.workload!r} has no prompts (of at most --max-prompt-tokens tokens)")
     assistant = None
     if any(parse_method(m)[0] == "hf-assisted" for m in config.methods):
         assistant = Generator.load(config.assistant or default_assistant(config.model), config.dtype)
     counter = ForwardCounter(generator.model)
-    prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
 
     states: dict[str, dict] = {}
     assistants: dict[str, object] = {}
@@ -193,6 +207,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             "prompts": len(prompts),
             "max_new_tokens": config.max_new_tokens,
             "dtype": config.dtype or "float32",
+            "max_prompt_tokens": config.max_prompt_tokens,
             "warmup_prompts": config.warmup,
             "mean_prompt_tokens": round(statistics.mean(len(p) for p in prompt_ids), 1),
             "assistant": (config.assistant or default_assistant(config.model)) if assistant else None,

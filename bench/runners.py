@@ -16,6 +16,8 @@ class Run:
     ttft_s: float  # request start to the first new token (prefill)
     e2e_s: float  # request start to the last token
     forward_passes: int  # target-model forwards, prefill included
+    drafted_tokens: int | None = None  # ragdec methods: draft tokens sent to verification
+    accepted_tokens: int | None = None  # ragdec methods: draft tokens that stood
 
     @property
     def decode_s(self) -> float:
@@ -122,4 +124,5 @@ def run_ragdec(method: str, generator, prompt_ids: Sequence[int], references: Se
     end = time.perf_counter()
     # time to first token counts the method's set-up (e.g. indexing references) too
     ttft = (end - start) - result.stats.decode_seconds
-    return Run(result.token_ids, ttft, end - start, result.stats.forward_passes)
+    stats = result.stats
+    return Run(result.token_ids, ttft, end - start, stats.forward_passes, stats.drafted_tokens, stats.accepted_tokens)

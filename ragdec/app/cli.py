@@ -150,6 +150,7 @@ def cmd_bench(args) -> int:
         assistant=args.assistant or args.draft_model,  # hf-assisted drafts with bild's little model
         warmup=args.warmup,
         dtype=args.dtype,
+        max_prompt_tokens=args.max_prompt_tokens,
         prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
         max_matching_ngram_size=args.max_matching_ngram_size,
         options=_method_options(args),
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--limit", type=int, help="first N prompts only")
     bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--max-prompt-tokens", type=int, help="skip prompts longer than this (then --limit counts the rest)")
     bench.add_argument("--data", help="evaluation data folder (default: $RAGDEC_DATA or ../shared/data)")
     bench.add_argument("--assistant", help="draft model for hf-assisted")
     bench.add_argument("--warmup", type=int, default=1, help="prompts run untimed first (default 1)")

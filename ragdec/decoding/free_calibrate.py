@@ -33,13 +33,15 @@ from .free import adapter_path, exit_adapter
 @dataclass(frozen=True)
 class CalibrationConfig:
     exit_layer: int
-    steps: int = 500  # optimizer steps over the cached teacher outputs
+    steps: int = 2000  # optimizer steps over the cached teacher outputs (cheap: ~30 s for 0.5B)
     seq_len: int = 64  # tokens per training sequence; short keeps the teacher pass cheap
     train_sequences: int = 160  # 160 x 64 = 10,240 training positions
     heldout_sequences: int = 16
     batch_positions: int = 256  # positions per step
     top_k: int = 32  # teacher tokens kept per position
-    rank: int = 64  # adapter rank
+    # adapter rank; qwen2.5-coder-0.5b at layer 12, held-out agreement: 33.8% at rank 64
+    # and 500 steps, 37.3% at rank 256 and 2000 steps
+    rank: int = 256
     lr: float = 2e-3
     mse_weight: float = 1.0  # hidden-state matching beside the cross-entropy
     seed: int = 0
