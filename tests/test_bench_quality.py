@@ -76,7 +76,9 @@ def test_bench_reports_rouge_and_the_sweep_plots(data, tmp_path):
         if method != "hf-greedy":  # lossless, and rollback at every doubt: both equal greedy
             assert entry["identical_to_hf_greedy"] == 1.0 and entry["rougeL"] == result["methods"]["hf-greedy"]["rougeL"]
             assert entry["rougeL_vs_reference_method"] == 1.0
-            assert 0.0 < entry["accepted_draft_share"] <= entry["drafted_share"]  # smollm2 drafting for itself
+            assert 0.0 <= entry["accepted_draft_share"] <= entry["drafted_share"]
+            if method == "bild-lossless":  # smollm2 drafting for itself: its drafts stand
+                assert entry["accepted_draft_share"] > 0.0
         else:
             assert "drafted_share" not in entry
     assert result["settings"]["dtype"] == "float32"
