@@ -146,16 +146,13 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     from ragdec.decoding.generator import Generator, configure_threads
 
     configure_threads()
-    load_workload(config.workload, config.data, limit=1)  # a bad name or data folder fails before the model loads
+    # with --max-prompt-tokens, --limit counts the prompts that fit: all are read first
+    prompts = load_workload(config.workload, config.data, None if config.max_prompt_tokens else config.limit)
     generator = Generator.load(config.model, config.dtype)
-    if config.max_prompt_tokens:  # the first ``limit`` prompts that fit
-        prompts = load_workload(config.workload, config.data)
-        ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
-        kept = [i for i, p in enumerate(ids) if len(p) <= config.max_prompt_tokens][: config.limit]
-        prompts, prompt_ids = [prompts[i] for i in kept], [ids[i] for i in kept]
-    else:
-        prompts = load_workload(config.workload, config.data, config.limit)
-        prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
+    prompt_ids = [generator.prompt_ids(list(p.messages)) for p in prompts]
+    if config.max_prompt_tokens:
+        kept = [i for i, ids in enumerate(prompt_ids) if len(ids) <= config.max_prompt_tokens][: config.limit]
+        prompts, prompt_ids = [prompts[i] for i in kept], [prompt_ids[i] for i in kept]
     if not prompts:
         raise ValueError(f"workload {config.workload!r} has no prompts (of at most --max-prompt-tokens tokens)")
     assistant = None

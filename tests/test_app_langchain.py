@@ -21,14 +21,19 @@ def store_dir(tmp_path_factory) -> str:
     return str(build_store(tmp_path_factory.mktemp("lc")))
 
 
-class RagdecChatParams:
-    """What the chat suites share: a small model over the store, short answers, no tools."""
+class OnTheStore:
+    """Puts the session's store folder on the suite class (the suites build models from
+    class properties, not from fixtures)."""
 
     @pytest.fixture(autouse=True)
     def _store(self, store_dir):
         type(self).store = store_dir
 
     store: str = ""
+
+
+class RagdecChatParams(OnTheStore):
+    """What the chat suites share: a small model over the store, short answers, no tools."""
 
     @property
     def chat_model_class(self):
@@ -71,13 +76,7 @@ class TestChatRagdecIntegration(RagdecChatParams, ChatModelIntegrationTests):
         return {**super().chat_model_params, "max_tokens": 10}
 
 
-class TestRagdecRetriever(RetrieversIntegrationTests):
-    @pytest.fixture(autouse=True)
-    def _store(self, store_dir):
-        type(self).store = store_dir
-
-    store: str = ""
-
+class TestRagdecRetriever(OnTheStore, RetrieversIntegrationTests):
     @property
     def retriever_constructor(self):
         return RagdecRetriever

@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
@@ -43,8 +41,9 @@ def cmd_free_calibrate(args) -> int:
     )
     print(f"adapter: {report.path}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}", file=sys.stderr)
+        from ragdec.app.cli import _write_json  # through a temp file, renamed into place
+
+        _write_json(report.as_dict(), args.json)
     return 0
 
 

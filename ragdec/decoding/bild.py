@@ -22,7 +22,7 @@ token, a draft token it never had to read) is fed on the next proposal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -38,12 +38,11 @@ LITTLE_MODELS = {"qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-0.5b-instruct"}
 @method_options
 @dataclass(frozen=True)
 class BiLDConfig:
-    # Below it the little model's token is not trusted and the big model decodes. None: per
-    # mode, from the sweep on XSum (bench/results/bild_sweep_xsum.json, 1.5B/0.5B, float32,
-    # 2 cores): bild 0.3 (with rollback 3: 1.62x hf-greedy at ROUGE-L 0.181 against the
-    # gold summaries, greedy's 0.164); bild-lossless 0.6, the paper's (0.5 and 0.7 gave
-    # 1.09x and 1.10x; 0.3 drafts long runs that a float32 verify pays for and rejects: 0.85x).
-    fallback_threshold: float | None = None
+    # Below it the little model's token is not trusted and the big model decodes. From the
+    # sweep on XSum (bench/results/bild_sweep_xsum.json, 1.5B/0.5B, float32, 2 cores): 0.3
+    # for bild (with rollback 3: 1.62x hf-greedy at ROUGE-L 0.181 against the gold
+    # summaries, greedy's 0.164); bild-lossless uses LOSSLESS_DEFAULTS.
+    fallback_threshold: float = 0.3
     # A little token stands while p_big(token) >= exp(-rollback_threshold). The paper's code
     # uses about 2 to 5; the sweep: 1 gives back greedy's output at no gain, 2 to 3 keep
     # ROUGE-L, 5 drifts (agreement with greedy falls to 0.63).
@@ -177,13 +176,14 @@ def load_little(name_or_path: str, int8: bool = True):
 
     little = Generator.load(name_or_path)
     if int8:
-        little.model = quantize_int8(little.model)
+        little.model = quantize_int8(little.model, inplace=True)  # nobody else holds this copy
     return little
 
 
-def quantize_int8(model):
-    """``model`` with dynamically quantized int8 linear layers, or ``model`` itself where
-    this torch build has no quantized engine (the result only drafts, so either is correct)."""
+def quantize_int8(model, inplace: bool = False):
+    """``model`` with dynamically quantized int8 linear layers (a copy unless ``inplace``),
+    or ``model`` itself where this torch build has no quantized engine (the result only
+    drafts, so either is correct)."""
     import copy
     import warnings
 
@@ -191,7 +191,7 @@ def quantize_int8(model):
 
     if not torch.backends.quantized.supported_engines or torch.backends.quantized.supported_engines == ["none"]:
         return model
-    quantized = copy.deepcopy(model).float()  # int8 kernels take float32 activations
+    quantized = (model if inplace else copy.deepcopy(model)).float()  # int8 kernels take float32 activations
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's notice that it moves to torchao
         return torch.ao.quantization.quantize_dynamic(quantized, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
@@ -240,14 +240,13 @@ def _drafter(generator, prompt_ids: Sequence[int], config: BiLDConfig) -> Little
     return drafter
 
 
-DEFAULT_FALLBACK = {"bild": 0.3, "bild-lossless": 0.6}  # see BiLDConfig.fallback_threshold
+# bild-lossless: fallback 0.6, the paper's (the sweep: 0.5 and 0.7 gave 1.09x and 1.10x; 0.3
+# drafts long runs that a float32 verify pays for and rejects: 0.85x)
+LOSSLESS_DEFAULTS = {"fallback_threshold": 0.6}
 
 
 def bild_config(options, method: str = "bild") -> BiLDConfig:
-    config = method_config(BiLDConfig, options, method)
-    if config.fallback_threshold is None:
-        config = replace(config, fallback_threshold=DEFAULT_FALLBACK[method])
-    return config
+    return method_config(BiLDConfig, options, method, LOSSLESS_DEFAULTS if method == "bild-lossless" else {})
 
 
 @register_method("bild")

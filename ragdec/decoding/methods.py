@@ -44,12 +44,15 @@ def method_options(config_class: type) -> type:
     return config_class
 
 
-def method_config(config_class, options: Mapping[str, object], method: str):
+def method_config(config_class, options: Mapping[str, object], method: str, defaults: Mapping[str, object] | None = None):
     """``config_class`` (a dataclass of a method's knobs) from ``options``, whose values may
     be strings (command line, bench specs): each is converted by its field's annotation.
     Names that are another method's knobs are ignored (the pipeline's router sends one set
     of options to whichever method it picks); names no method knows are refused with the
     known ones listed.
+
+    ``defaults`` replace the dataclass's own defaults for this method (a lossless mode of
+    one config may want other knob values); options still win over them.
 
     Example: LLMAConfig with {"copy_k": "auto", "trigger_n": "2", "variants": "no"} ->
     copy_k None (``auto`` and ``none`` mean None where a field may be None), trigger_n 2,
@@ -62,7 +65,7 @@ def method_config(config_class, options: Mapping[str, object], method: str):
     unknown = set(options) - set(fields) - others
     if unknown:
         raise ValueError(f"unknown {method} option(s) {sorted(unknown)}; options: {', '.join(fields)}")
-    values = {}
+    values = dict(defaults or {})
     for name, value in options.items():
         if name not in fields:
             continue  # another method's knob (a router or a bench passes one set to every method)
