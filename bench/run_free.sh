@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # FREE's committed results (bench/results/free_<model>_<workload>.json): free and
-# free-lossless at the default exit layer (half the depth) with the calibrated adapter,
+# free-lossless at the default exit layer (0.7 of the depth) with the calibrated adapter,
 # against hf-greedy and transformers' assistant_early_exit at the same layer, float32.
-# Calibrates first where no adapter is saved. About an hour on 2 cores; run it alone.
+# Calibrates first where no adapter is saved (on the model's own answers, at the layers
+# listed, which the calibration report compares). About an hour on 2 cores; run it alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RAGDEC=${RAGDEC:-.venv/bin/ragdec}
 TOKENS=${TOKENS:-64}
 for model in ${MODELS:-qwen2.5-coder-0.5b-instruct qwen2.5-coder-1.5b-instruct}; do
   case $model in
-    qwen2.5-coder-0.5b-instruct) layer=12 limit=${LIMIT:-12} ;;  # 24 layers
-    qwen2.5-coder-1.5b-instruct) layer=14 limit=${LIMIT:-6} ;;  # 28 layers
+    qwen2.5-coder-0.5b-instruct) layer=17 layers=12,16,17,18,20 limit=${LIMIT:-12} ;;  # 24 layers
+    qwen2.5-coder-1.5b-instruct) layer=22 layers=19,20,21,22 limit=${LIMIT:-6} ;;  # 28 layers
     *) echo "run_free.sh: no exit layer set for $model" >&2; exit 2 ;;
   esac
   home=${RAGDEC_HOME:-$HOME/.cache/ragdec}
   if [ ! -f "$home/free/$model/layer$layer.safetensors" ]; then
-    "$RAGDEC" free calibrate --model "$model" --exit-layer "$layer" --json "bench/results/free_calibration_$model.json"
+    "$RAGDEC" free calibrate --model "$model" --exit-layer "$layers" --json "bench/results/free_calibration_$model.json"
   fi
   for workload in xsum squad specbench-qa-translation; do
     n=$limit

@@ -80,8 +80,8 @@ def run_hf(
     """model.generate(do_sample=False) as a user would call it, with or without a drafter.
 
     hf-early-exit is transformers' self-speculative ``assistant_early_exit``: the first
-    ``exit_layer`` layers and the LM head draft, the whole model verifies (default: half
-    the depth, as FREE's default exit layer)."""
+    ``exit_layer`` layers and the LM head draft, the whole model verifies (default: FREE's
+    default exit layer, ``default_exit_layer``)."""
     import torch
 
     input_ids = torch.tensor([list(prompt_ids)])
@@ -101,7 +101,9 @@ def run_hf(
             # universal assisted decoding: the two tokenizers differ
             kwargs.update(tokenizer=generator.tokenizer, assistant_tokenizer=assistant.tokenizer)
     elif method == "hf-early-exit":
-        kwargs["assistant_early_exit"] = exit_layer or generator.model.config.num_hidden_layers // 2
+        from ragdec.decoding.free import default_exit_layer
+
+        kwargs["assistant_early_exit"] = exit_layer or default_exit_layer(generator.model.config.num_hidden_layers)
     elif method != "hf-greedy":
         raise ValueError(f"unknown baseline {method!r}; baselines: {', '.join(HF_METHODS)}")
     clock = _FirstTokenClock()

@@ -174,8 +174,9 @@ def test_lossless_equals_greedy_on_smollm2(smollm2):
 
 
 def test_calibration_trains_and_saves_only_the_adapter(tiny_generator, tmp_path, monkeypatch):
-    """A few steps on the tiny model: the adapter is saved where FREE looks for it (and
-    nothing else is), loads, and FREE with it still equals greedy in lossless mode."""
+    """A few steps on the tiny model, from its own answers and from text: the adapter is
+    saved where FREE looks for it (and nothing else is), loads, and FREE with it still
+    equals greedy in lossless mode."""
     import json
 
     from safetensors.torch import load_file
@@ -186,21 +187,55 @@ def test_calibration_trains_and_saves_only_the_adapter(tiny_generator, tmp_path,
     monkeypatch.setenv("RAGDEC_HOME", str(tmp_path / "home"))
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"document": t * 3}) + "\n" for t in TRAINING_TEXT * 4), encoding="utf-8")
-    config = CalibrationConfig(exit_layer=1, steps=12, seq_len=16, train_sequences=10, heldout_sequences=4,
-                               batch_positions=32, top_k=8, rank=4)
+    config = CalibrationConfig(exit_layers=(1,), steps=12, seq_len=16, train_sequences=10, heldout_sequences=4,
+                               batch_positions=32, top_k=8, rank=4, answer_tokens=8, batch_prompts=3)
+    prompts = random_prompts(len(tiny_generator.tokenizer), 10, seed=4)
     tiny_generator.method_state.pop("free", None)
-    report = calibrate(tiny_generator, data, config, progress=False)
     try:
-        assert report.path == str(free.adapter_path(tiny_generator.name, 1))
-        assert set(load_file(report.path)) == {"down.weight", "up.weight"}
-        assert 0.0 <= report.agreement_before <= 1.0 and 0.0 <= report.agreement_after <= 1.0
-        assert [p.name for p in (tmp_path / "home" / "free").rglob("*") if p.is_file()] == ["layer1.safetensors"]
-        prompt = random_prompts(len(tiny_generator.tokenizer), 1, seed=2)[0]
-        ours = run_free(tiny_generator, prompt, exit_layer=1, exit_threshold=0.3)
-        assert tiny_generator.method_state["free"].adapters[(1, None)] is not None  # the saved adapter was used
-        assert ours.token_ids == greedy(tiny_generator, prompt).token_ids
+        for source in ("answers", "text"):
+            kwargs = {"prompts": prompts} if source == "answers" else {"data": data}
+            [report] = calibrate(tiny_generator, config, progress=False, **kwargs)
+            assert report.source == source and report.train_positions > 0 and report.heldout_positions > 0
+            assert report.path == str(free.adapter_path(tiny_generator.name, 1))
+            assert set(load_file(report.path)) == {"down.weight", "up.weight"}
+            assert 0.0 <= report.agreement_before <= 1.0 and 0.0 <= report.agreement_after <= 1.0
+            assert set(report.exits_after) == {"0.5", "0.7", "0.9"}
+            assert [p.name for p in (tmp_path / "home" / "free").rglob("*") if p.is_file()] == ["layer1.safetensors"]
+            prompt = random_prompts(len(tiny_generator.tokenizer), 1, seed=2)[0]
+            ours = run_free(tiny_generator, prompt, exit_layer=1, exit_threshold=0.3)
+            assert tiny_generator.method_state["free"].adapters[(1, None)] is not None  # the saved adapter was used
+            assert ours.token_ids == greedy(tiny_generator, prompt).token_ids
+            tiny_generator.method_state.pop("free", None)
+        with pytest.raises(ValueError, match="between 1 and 1"):
+            calibrate(tiny_generator, CalibrationConfig(exit_layers=(2,)), prompts=prompts)
+        with pytest.raises(ValueError, match="one of the two"):
+            calibrate(tiny_generator, config)
     finally:
         tiny_generator.method_state.pop("free", None)
+
+
+def test_answers_teacher_follows_greedy(tiny_generator):
+    """The answers teacher's positions are the model's greedy answers: at each, the deep
+    argmax is the next answer token, up to and including EOS and nothing after it; held-out
+    prompts are every n-th; one run serves several exit layers."""
+    from ragdec.decoding.free_calibrate import CalibrationConfig, answers_teacher
+
+    prompts = random_prompts(len(tiny_generator.tokenizer), 6, seed=5)
+    config = CalibrationConfig(exit_layers=(0, 1), answer_tokens=10, batch_prompts=1, heldout_every=3, top_k=4, teacher_dtype=None)
+    train, heldout, _ = answers_teacher(tiny_generator.model, prompts, tiny_generator.eos_token_ids, 1, config, progress=False)
+    answers = {i: list(greedy(tiny_generator, p, max_new_tokens=10).token_ids) for i, p in enumerate(prompts)}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches go by prompt length
+    assert heldout.top_ids[:, 0].tolist() == [t for i in order if i % 3 == 0 for t in answers[i]]
+    assert train.top_ids[:, 0].tolist() == [t for i in order if i % 3 != 0 for t in answers[i]]
+    for teacher in (train, heldout):
+        assert set(teacher.exit_hidden) == {0, 1}
+        assert all(h.shape == teacher.deep.shape for h in teacher.exit_hidden.values())
+        assert teacher.top_probs.shape == teacher.top_ids.shape == (teacher.deep.shape[0], 4)
+    first = order[0]  # layer 0's input is the token embedding of each answer position's token
+    tokens = [prompts[first][-1], *answers[first][:-1]]
+    embeddings = tiny_generator.model.model.embed_tokens(torch.tensor(tokens)).float()
+    stack = heldout if first % 3 == 0 else train
+    torch.testing.assert_close(stack.exit_hidden[0][: len(tokens)], embeddings.detach())
 
 
 def test_calibration_text_windows(tmp_path):

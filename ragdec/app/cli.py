@@ -64,7 +64,7 @@ def _add_method_knobs(parser) -> None:
     parser.add_argument("--draft-model", help="bild: the little model, sharing the big model's tokenizer (default: the zoo's pair)")
     parser.add_argument("--fallback-threshold", type=float, help="bild: the little model drafts while its top probability is at least this (default 0.3; bild-lossless 0.6)")
     parser.add_argument("--rollback-threshold", type=float, help="bild: a draft token rolls back where the big model's cross-entropy of it exceeds this (default 3.0)")
-    parser.add_argument("--exit-layer", type=int, help="free: layers in the shallow model (default: half the depth)")
+    parser.add_argument("--exit-layer", type=int, help="free: layers in the shallow model (default: 0.7 of the depth, 17 of 24)")
     parser.add_argument("--exit-threshold", type=float, help="free: shallow confidence needed to exit; the adaptive threshold's start (default 0.9)")
 
 

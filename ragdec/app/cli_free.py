@@ -1,6 +1,12 @@
 """`ragdec free calibrate`: train FREE's exit adapter for a model at an exit layer.
 
-    ragdec free calibrate --model qwen2.5-coder-0.5b-instruct --exit-layer 12
+    ragdec free calibrate --model qwen2.5-coder-0.5b-instruct --exit-layer 17
+    ragdec free calibrate --model qwen2.5-coder-1.5b-instruct --exit-layer 19,20,21,22
+
+By default the adapter learns from the model's own greedy answers to benchmark-style
+prompts (XSum, SQuAD, Spec-Bench qa/translation, CNN/DailyMail) past the first
+CALIBRATION_SKIP of each workload, which the committed benchmarks never reach;
+``--text`` trains on a corpus instead.
 
 ``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
 """
@@ -11,40 +17,81 @@ import argparse
 from pathlib import Path
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+# the benchmark workloads whose prompts calibration answers, and how many of each workload's
+# first prompts it skips: the committed benchmarks use at most the first 12, so the adapter
+# never sees a benchmark prompt
+CALIBRATION_WORKLOADS = ("xsum", "squad", "specbench-qa-translation", "summarize")
+CALIBRATION_SKIP = 40
 
 
 def default_data() -> Path:
     """The CNN/DailyMail articles of ``$RAGDEC_DATA`` (else ``../shared/data``):
-    ``summarize/llma_cnndm.jsonl``, news prose that none of the BiLD/FREE benchmark
-    workloads (xsum, squad, specbench-qa-translation) prompts with."""
-    import os
+    ``summarize/llma_cnndm.jsonl``, for ``--text``."""
+    from ragdec.bench.workloads import data_dir
 
-    root = Path(os.environ.get("RAGDEC_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
-    return root / "summarize" / "llma_cnndm.jsonl"
+    return data_dir() / "summarize" / "llma_cnndm.jsonl"
+
+
+def calibration_prompts(generator, per_workload: int, max_tokens: int, data: str | None = None) -> list[list[int]]:
+    """Chat-templated prompt ids: up to ``per_workload`` of each of CALIBRATION_WORKLOADS,
+    past its first CALIBRATION_SKIP, of at most ``max_tokens`` tokens."""
+    from ragdec.bench.workloads import load_workload
+
+    prompts = []
+    for workload in CALIBRATION_WORKLOADS:
+        taken = 0
+        for prompt in load_workload(workload, data)[CALIBRATION_SKIP:]:
+            ids = generator.prompt_ids(list(prompt.messages))
+            if len(ids) <= max_tokens:
+                prompts.append(ids)
+                taken += 1
+                if taken == per_workload:
+                    break
+    if not prompts:
+        raise ValueError(f"no calibration prompt of at most {max_tokens} tokens: raise --max-prompt-tokens")
+    return prompts
 
 
 def cmd_free_calibrate(args) -> int:
     from ragdec.decoding.free_calibrate import CalibrationConfig, calibrate
     from ragdec.decoding.generator import Generator
 
-    data = Path(args.data) if args.data else default_data()
-    if not data.exists():
-        raise FileNotFoundError(f"calibration text {data} not found: pass --data FILE (.jsonl with a 'document' or 'text' field)")
     generator = Generator.load(args.model)
-    config = CalibrationConfig(exit_layer=args.exit_layer, steps=args.steps, seq_len=args.seq_len,
-                               train_sequences=args.train_sequences, rank=args.rank)
-    report = calibrate(generator, data, config, out=args.out, progress=not args.quiet)
-    print(
-        f"{report.model} exit layer {report.exit_layer}: shallow/deep top-1 agreement on "
-        f"{report.heldout_positions} held-out positions {report.agreement_before:.1%} before, "
-        f"{report.agreement_after:.1%} after ({report.steps} steps on {report.train_positions} positions)"
+    config = CalibrationConfig(
+        exit_layers=args.exit_layer, steps=args.steps, rank=args.rank, answer_tokens=args.answer_tokens,
+        teacher_dtype=None if args.teacher_dtype == "model" else args.teacher_dtype,
     )
-    print(f"adapter: {report.path}")
+    if args.text is not None:
+        data = Path(args.text) if args.text else default_data()
+        if not data.exists():
+            raise FileNotFoundError(f"calibration text {data} not found: pass --text FILE (.jsonl with a 'document' or 'text' field)")
+        reports = calibrate(generator, config, data=data, out=args.out, progress=not args.quiet)
+    else:
+        prompts = calibration_prompts(generator, args.prompts, args.max_prompt_tokens, args.data)
+        reports = calibrate(generator, config, prompts=prompts, out=args.out, progress=not args.quiet)
+    for report in reports:
+        source = "answer" if report.source == "answers" else "text"
+        print(
+            f"{report.model} exit layer {report.exit_layer}: shallow/deep top-1 agreement on "
+            f"{report.heldout_positions} held-out positions {report.agreement_before:.1%} before, "
+            f"{report.agreement_after:.1%} after ({report.steps} steps on {report.train_positions} {source} positions)"
+        )
+        for confidence, row in report.exits_after.items():
+            precision = "-" if row["precision"] is None else f"{row['precision']:.1%}"
+            print(f"  confidence >= {confidence}: {row['exit']:.1%} of positions would exit, {precision} of them agree")
+        print(f"  adapter: {report.path}")
     if args.json:
         from ragdec.app.cli import _write_json  # through a temp file, renamed into place
 
-        _write_json(report.as_dict(), args.json)
+        _write_json([report.as_dict() for report in reports], args.json)
     return 0
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"exit layers are integers separated by commas (17 or 17,18,20), got {text!r}") from None
 
 
 def register(subparsers) -> None:
@@ -58,14 +105,25 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     calibrate.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, local folder or hub id")
-    calibrate.add_argument("--exit-layer", type=int, required=True, help="layers in the shallow model")
+    calibrate.add_argument(
+        "--exit-layer", type=_layers, required=True,
+        help="layers in the shallow model; several (17,18,20) train one adapter each from one teacher run",
+    )
     calibrate.add_argument("--steps", type=int, default=CalibrationConfig.steps, help="optimizer steps")
     calibrate.add_argument("--rank", type=int, default=CalibrationConfig.rank, help="the adapter's rank")
-    calibrate.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence")
+    calibrate.add_argument("--prompts", type=int, default=60, help="prompts answered per workload (answers mode)")
+    calibrate.add_argument("--answer-tokens", type=int, default=CalibrationConfig.answer_tokens, help="greedy tokens per answer")
+    calibrate.add_argument("--max-prompt-tokens", type=int, default=700, help="skip longer prompts (answers mode)")
+    calibrate.add_argument("--data", help="the benchmark data folder (default: $RAGDEC_DATA or ../shared/data)")
     calibrate.add_argument(
-        "--train-sequences", type=int, default=CalibrationConfig.train_sequences, help="training windows (up to 4 per document)"
+        "--text", nargs="?", const="", metavar="FILE",
+        help="train on windows of a text corpus (.jsonl or text) instead of the model's own answers; "
+        "without FILE: the CNN/DailyMail articles",
     )
-    calibrate.add_argument("--data", help="text to distil on (.jsonl or text); default: the CNN/DailyMail articles")
+    calibrate.add_argument(
+        "--teacher-dtype", choices=("bfloat16", "float32", "model"), default=CalibrationConfig.teacher_dtype,
+        help="the dtype the teacher (generation and targets) runs in; model: as loaded",
+    )
     calibrate.add_argument("--out", help="adapter file (default: $RAGDEC_HOME/free/<model>/layer<L>.safetensors)")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bars")
     calibrate.add_argument("--json", metavar="PATH", help="write the agreement report as JSON")

@@ -60,7 +60,7 @@ from .methods import method_config, method_options, register_method
 @method_options
 @dataclass(frozen=True)
 class FreeConfig:
-    exit_layer: int | None = None  # layers in the shallow model; None: half the depth
+    exit_layer: int | None = None  # layers in the shallow model; None: default_exit_layer (0.7 of the depth)
     exit_threshold: float = 0.9  # shallow confidence needed to exit; the start value when adaptive
     adaptive: bool = True  # move exit_threshold with the Beta mixture fitted to the deep passes' pairs
     # adaptive: exit where P(shallow agrees with deep | confidence) reaches this. 0.9 for
@@ -75,10 +75,26 @@ class FreeConfig:
 # free-lossless: the deep pass checks every draft; a wrong one costs its shallow step, a
 # right one saves a separate deep pass, about as much, so a draft pays from even odds
 LOSSLESS_DEFAULTS = {"agree_posterior": 0.5}
+HEAD_ROWS = 3  # positions per LM-head matmul in the deep pass (see ShallowDeep.__call__)
 
 
 def free_config(options, lossless: bool = False) -> FreeConfig:
     return method_config(FreeConfig, options, "free", LOSSLESS_DEFAULTS if lossless else {})
+
+
+EXIT_DEPTH = 0.7
+
+
+def default_exit_layer(depth: int) -> int:
+    """The exit layer when none is given: 0.7 of the depth (17 of qwen2.5-coder-0.5b's 24).
+
+    Measured on qwen2.5-coder-0.5b with adapters calibrated on its own answers (held-out
+    top-1 agreement of the exit head with the deep model): 31% at layer 12, 36% at 16, 73%
+    at 17, 74% at 18, 78% at 20. Agreement jumps between layers 16 and 17 and creeps after,
+    while each layer more costs the shallow step about 2.6 ms of greedy's 84; 17 is the
+    first layer past the jump.
+    """
+    return max(1, min(depth - 1, round(depth * EXIT_DEPTH)))
 
 
 # ---- the shallow-deep module -------------------------------------------------------------
@@ -228,7 +244,12 @@ class ShallowDeep:
         hidden = self._run_layers(torch.cat(parts, dim=1), self.exit_layer, len(self.model.model.layers))
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return SimpleNamespace(logits=self.model.lm_head(self.model.model.norm(hidden)))
+        hidden = self.model.model.norm(hidden)
+        # the LM head 3 positions at a time: on CPU a float32 matmul of the 136M-weight head
+        # with 4+ rows takes a kernel 3x slower than with 1 to 3 (19 ms for 3 rows, 59 ms for
+        # 4 on qwen2.5-coder-0.5b); each row's logits are computed the same way either way
+        logits = [self.model.lm_head(part) for part in hidden.split(HEAD_ROWS, dim=1)]
+        return SimpleNamespace(logits=torch.cat(logits, dim=1))
 
 
 # ---- drafter and acceptance ------------------------------------------------------------------
@@ -337,7 +358,7 @@ def exit_vocabulary(prompt_ids: Sequence[int], size: int, model):
 def build_free(generator, prompt_ids: Sequence[int], config: FreeConfig, lossless: bool) -> tuple[ShallowExitDrafter, FreeAcceptance]:
     model = generator.model
     depth = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else 0
-    exit_layer = config.exit_layer if config.exit_layer is not None else depth // 2
+    exit_layer = config.exit_layer if config.exit_layer is not None else default_exit_layer(depth)
     state = generator.method_state.setdefault("free", FreeState())
     key = (exit_layer, config.adapter)
     if key not in state.adapters:
