@@ -4,6 +4,7 @@ agreeing and disagreeing confidences."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -263,3 +264,37 @@ def test_methods_are_registered():
     assert "ragdec.decoding.free" in BUILTIN_METHOD_MODULES
     method_factory("greedy")
     assert {"free", "free-lossless"} <= set(METHODS)
+
+
+def test_free_calibrate_command_on_own_answers(smollm2, tmp_path, capsys, monkeypatch):
+    """`ragdec free calibrate` end to end on smollm2: answers to the shared data's prompts
+    (past those the benchmarks use), two exit layers from one teacher run, a JSON report
+    per layer; a malformed layer list is refused with what to write."""
+    from ragdec.app.cli import main
+    from ragdec.app.cli_free import CALIBRATION_SKIP, CALIBRATION_WORKLOADS, calibration_prompts
+    from ragdec.bench.workloads import load_workload
+
+    prompts = calibration_prompts(smollm2, per_workload=1, max_tokens=400)
+    assert 1 <= len(prompts) <= len(CALIBRATION_WORKLOADS) and all(len(p) <= 400 for p in prompts)
+    assert CALIBRATION_SKIP >= 12  # the committed benchmarks use the first 12 prompts at most
+    benchmarked = [smollm2.prompt_ids(list(p.messages)) for w in CALIBRATION_WORKLOADS for p in load_workload(w, limit=12)]
+    assert not any(p in benchmarked for p in prompts)
+
+    out = tmp_path / "report.json"
+    from ragdec.decoding.zoo import ragdec_home
+
+    home = tmp_path / "home"  # adapters land here; the prepared models are linked in
+    home.mkdir()
+    (home / "models").symlink_to(ragdec_home() / "models")
+    monkeypatch.setenv("RAGDEC_HOME", str(home))
+    code = main(["free", "calibrate", "--model", "smollm2-135m-instruct", "--exit-layer", "10,20", "--prompts", "2",
+                 "--answer-tokens", "6", "--max-prompt-tokens", "400", "--steps", "3", "--rank", "4", "--quiet",
+                 "--json", str(out)])
+    assert code == 0
+    reports = json.loads(out.read_text())
+    assert [r["exit_layer"] for r in reports] == [10, 20] and {r["source"] for r in reports} == {"answers"}
+    assert sorted(p.name for p in (home / "free").rglob("*")) == ["layer10.safetensors", "layer20.safetensors", "smollm2-135m-instruct"]
+    assert "exit layer 20: shallow/deep top-1 agreement" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["free", "calibrate", "--exit-layer", "10,x"])
+    assert "integers separated by commas" in capsys.readouterr().err

@@ -29,19 +29,22 @@ Either way each deep pass yields, for free, pairs (shallow confidence, shallow a
 agree) at every stacked position; ``ExitThreshold`` (free_threshold.py) fits a Beta
 mixture to them and moves ``exit_threshold`` (see there).
 
-Cost, where it goes: a shallow step is ``exit_layer`` layers plus the exit head. The full
-LM head is heavy on small models (Qwen2.5 0.5B: layers of about 15M multiply-adds per
-token, an LM head of 136M), so the exit head scores only ``exit_vocab`` rows (the first
-16,384 token ids and the prompt's tokens, 15M multiply-adds): on XSum this took free from
-0.79x to 0.99x of greedy. A stacked token that the lossless mode rolls back has cost its
-shallow step for nothing; the verify only adds the deep layers over the stack, batched.
+Cost, where it goes (qwen2.5-coder-0.5b, float32, 2 cores): greedy's step is 84 ms, 19 ms
+of it the 152k-row LM head. A shallow step at layer 17 of 24 is 47 ms: the layers and an
+exit head that scores only ``exit_vocab`` rows (the first 16,384 token ids and the prompt's
+tokens, 15M multiply-adds instead of 136M). The deep pass over a stack of 1 to 3 tokens is
+about 40 ms, because on this CPU a float32 matmul with 2 or 3 rows costs what one row does;
+with 4 rows or more the head takes a kernel 3x slower, so the deep pass runs it 3 rows at
+a time. An exit therefore saves at most the deep part of a step, 44% at layer 17: FREE on a
+frozen model can at best approach 1/0.56 = 1.8x at a 100% exit rate, and it gets what the
+exit rate gives.
 
-What limits it here is agreement. A low-rank adapter trained on frozen layers (``ragdec
-free calibrate``) raises held-out top-1 agreement at layer 12 of qwen2.5-coder-0.5b from
-0.8% to 37.3% (bench/results/free_calibration_*.json), and the positions where the
-shallow head is both confident and right are few: 0% to 6.6% of tokens exit in the lossy
-mode, and FREE runs at 0.96x to 1.01x greedy's speed (bench/results/free_*.json). The paper fine-tunes the
-whole model for its exits; an adapter alone does not get there.
+What limits it is agreement, and where it lives. Calibrated on the model's own answers
+(``ragdec free calibrate``), the exit head of qwen2.5-coder-0.5b agrees with the deep model
+on 31% of held-out positions at layer 12, 37% at 16 and 73% at 17; qwen2.5-coder-1.5b
+reaches 54% at layer 22 of 28 (bench/results/free_calibration_*.json). The paper fine-tunes
+the whole model for its exits; an adapter on frozen layers only finds what the layers
+already know.
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ def default_exit_layer(depth: int) -> int:
     """The exit layer when none is given: 0.7 of the depth (17 of qwen2.5-coder-0.5b's 24).
 
     Measured on qwen2.5-coder-0.5b with adapters calibrated on its own answers (held-out
-    top-1 agreement of the exit head with the deep model): 31% at layer 12, 36% at 16, 73%
-    at 17, 74% at 18, 78% at 20. Agreement jumps between layers 16 and 17 and creeps after,
+    top-1 agreement of the exit head with the deep model): 31% at layer 12, 37% at 16, 73%
+    at 17, 74% at 18, 77% at 20 (bench/results/free_calibration_*.json). Agreement jumps between layers 16 and 17 and creeps after,
     while each layer more costs the shallow step about 2.6 ms of greedy's 84; 17 is the
     first layer past the jump.
     """
