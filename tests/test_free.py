@@ -150,6 +150,32 @@ def test_threshold_starts_at_the_option_and_stays_without_pairs():
     assert fixed.value == 0.7
 
 
+def test_fitted_thresholds_persist_per_setting(tiny_generator):
+    """Requests with the same setting share one fitted threshold; another setting (a
+    sweep alternating in one bench run) gets its own and does not reset the first."""
+    tiny_generator.method_state.pop("free", None)
+    try:
+        def threshold(lossless=False, **options):
+            config = free.free_config({"exit_layer": 1, **options}, lossless=lossless)
+            drafter, _ = build_free(tiny_generator, [5, 6, 7], config, lossless)
+            return drafter.threshold
+
+        first = threshold()
+        first.value = 0.61  # as if fitted
+        other = threshold(agree_posterior=0.8)
+        assert other is not first and other.value == 0.9
+        assert threshold() is first and first.value == 0.61
+        assert threshold(lossless=True) not in (first, other)
+        assert threshold(adaptive=False) is not threshold(adaptive=False)  # a fixed threshold is not kept
+    finally:
+        tiny_generator.method_state.pop("free", None)
+
+
+def test_default_exit_layer():
+    assert free.default_exit_layer(24) == 17 and free.default_exit_layer(28) == 20
+    assert free.default_exit_layer(2) == 1
+
+
 def test_options_and_errors(tiny_generator):
     with pytest.raises(ValueError, match="unknown free option"):
         run_free(tiny_generator, [5, 6], exit_level=1)

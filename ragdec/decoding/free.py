@@ -334,11 +334,12 @@ class FreeAcceptance:
 
 class FreeState:
     """What FREE keeps across the requests of one generator: the adapter of each exit
-    layer (loaded once) and each mode's threshold."""
+    layer (loaded once) and the fitted threshold of each setting (mode, exit layer,
+    adapter, start value, agree_posterior)."""
 
     def __init__(self):
         self.adapters: dict[tuple[int, str | None], object] = {}
-        self.thresholds: dict[tuple[str, int], ExitThreshold] = {}
+        self.thresholds: dict[tuple, ExitThreshold] = {}  # by build_free's setting key
 
 
 def exit_vocabulary(prompt_ids: Sequence[int], size: int, model):
@@ -372,11 +373,13 @@ def build_free(generator, prompt_ids: Sequence[int], config: FreeConfig, lossles
             raise FileNotFoundError(f"FREE adapter {path} not found: run `ragdec free calibrate` or fix the path")
         dtype = next(model.parameters()).dtype
         state.adapters[key] = load_adapter(path, model.config.hidden_size, dtype).eval() if path.exists() else None
-    mode = "free-lossless" if lossless else "free"
-    threshold = state.thresholds.get((mode, exit_layer))
-    if threshold is None or not config.adaptive or (threshold.adaptive, threshold.agree_posterior) != (True, config.agree_posterior):
+    # one fitted threshold per setting, kept across requests so that it follows the
+    # workload; settings that differ (a sweep in one bench run) do not reset each other
+    setting = ("free-lossless" if lossless else "free", exit_layer, config.adapter, config.exit_threshold, config.agree_posterior)
+    threshold = state.thresholds.get(setting)
+    if threshold is None or not config.adaptive:
         threshold = ExitThreshold(config.exit_threshold, config.adaptive, config.agree_posterior)
-        state.thresholds[(mode, exit_layer)] = threshold
+        state.thresholds[setting] = threshold
     shallow_deep = ShallowDeep(model, exit_layer, state.adapters[key], exit_vocabulary(prompt_ids, config.exit_vocab, model))
     drafter = ShallowExitDrafter(shallow_deep, threshold, generator.eos_token_ids, config.max_stack)
     return drafter, FreeAcceptance(drafter, lossless)
