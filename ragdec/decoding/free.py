@@ -43,8 +43,9 @@ What limits it is agreement, and where it lives. Calibrated on the model's own a
 (``ragdec free calibrate``), the exit head of qwen2.5-coder-0.5b agrees with the deep model
 on 31% of held-out positions at layer 12, 37% at 16 and 73% at 17; qwen2.5-coder-1.5b
 reaches 54% at layer 22 of 28 (bench/results/free_calibration_*.json). With those exits,
-26% to 40% of tokens leave early on 0.5B and FREE runs at 1.04x to 1.10x greedy's speed
-(free-lossless 1.01x to 1.04x); on 1.5B at 0.93x to 1.05x (bench/results/free_*.json). The
+26% to 40% of tokens leave early on 0.5B and FREE runs at 1.05x to 1.075x greedy's speed
+(free-lossless 1.02x to 1.075x); on 1.5B at 0.94x to 1.05x (free-lossless 0.90x to 1.04x;
+bench/results/free_*.json). The
 paper fine-tunes the whole model for its exits; an adapter on frozen layers only finds
 what the layers already know.
 """
