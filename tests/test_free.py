@@ -249,7 +249,7 @@ def test_answers_teacher_follows_greedy(tiny_generator):
 
     prompts = random_prompts(len(tiny_generator.tokenizer), 6, seed=5)
     config = CalibrationConfig(exit_layers=(0, 1), answer_tokens=10, batch_prompts=1, heldout_every=3, top_k=4, teacher_dtype=None)
-    train, heldout, _ = answers_teacher(tiny_generator.model, prompts, tiny_generator.eos_token_ids, 1, config, progress=False)
+    train, heldout = answers_teacher(tiny_generator.model, prompts, tiny_generator.eos_token_ids, 1, config, progress=False)
     answers = {i: list(greedy(tiny_generator, p, max_new_tokens=10).token_ids) for i, p in enumerate(prompts)}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches go by prompt length
     assert heldout.top_ids[:, 0].tolist() == [t for i in order if i % 3 == 0 for t in answers[i]]

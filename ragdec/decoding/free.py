@@ -99,9 +99,9 @@ def default_exit_layer(depth: int) -> int:
 
     Measured on qwen2.5-coder-0.5b with adapters calibrated on its own answers (held-out
     top-1 agreement of the exit head with the deep model): 31% at layer 12, 37% at 16, 73%
-    at 17, 74% at 18, 77% at 20 (bench/results/free_calibration_*.json). Agreement jumps between layers 16 and 17 and creeps after,
-    while each layer more costs the shallow step about 2.6 ms of greedy's 84; 17 is the
-    first layer past the jump.
+    at 17, 74% at 18, 77% at 20 (bench/results/free_calibration_*.json). Agreement jumps
+    between layers 16 and 17 and creeps after, while each layer more costs the shallow
+    step about 2.6 ms of greedy's 84; 17 is the first layer past the jump.
     """
     return max(1, min(depth - 1, round(depth * EXIT_DEPTH)))
 
@@ -343,7 +343,7 @@ class FreeState:
 
     def __init__(self):
         self.adapters: dict[tuple[int, str | None], object] = {}
-        self.thresholds: dict[tuple, ExitThreshold] = {}  # by build_free's setting key
+        self.thresholds: dict[tuple, ExitThreshold] = {}  # adaptive ones, by build_free's setting key
 
 
 def exit_vocabulary(prompt_ids: Sequence[int], size: int, model):
@@ -378,12 +378,15 @@ def build_free(generator, prompt_ids: Sequence[int], config: FreeConfig, lossles
         dtype = next(model.parameters()).dtype
         state.adapters[key] = load_adapter(path, model.config.hidden_size, dtype).eval() if path.exists() else None
     # one fitted threshold per setting, kept across requests so that it follows the
-    # workload; settings that differ (a sweep in one bench run) do not reset each other
-    setting = ("free-lossless" if lossless else "free", exit_layer, config.adapter, config.exit_threshold, config.agree_posterior)
-    threshold = state.thresholds.get(setting)
-    if threshold is None or not config.adaptive:
-        threshold = ExitThreshold(config.exit_threshold, config.adaptive, config.agree_posterior)
-        state.thresholds[setting] = threshold
+    # workload; settings that differ (a sweep in one bench run) do not reset each other.
+    # A fixed threshold has nothing to keep.
+    if config.adaptive:
+        setting = ("free-lossless" if lossless else "free", exit_layer, config.adapter, config.exit_threshold, config.agree_posterior)
+        if setting not in state.thresholds:
+            state.thresholds[setting] = ExitThreshold(config.exit_threshold, True, config.agree_posterior)
+        threshold = state.thresholds[setting]
+    else:
+        threshold = ExitThreshold(config.exit_threshold, adaptive=False)
     shallow_deep = ShallowDeep(model, exit_layer, state.adapters[key], exit_vocabulary(prompt_ids, config.exit_vocab, model))
     drafter = ShallowExitDrafter(shallow_deep, threshold, generator.eos_token_ids, config.max_stack)
     return drafter, FreeAcceptance(drafter, lossless)

@@ -205,8 +205,8 @@ def text_teacher(model, tokenizer, texts: Sequence[str], config: CalibrationConf
 
 
 def answers_teacher(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_token_id: int,
-                    config: CalibrationConfig, progress: bool) -> tuple[Teacher, Teacher, int]:
-    """(train, held-out, answers) from the model's greedy answers to ``prompts``.
+                    config: CalibrationConfig, progress: bool) -> tuple[Teacher, Teacher]:
+    """(train, held-out) teachers from the model's greedy answers to ``prompts``.
 
     Prompts are batched by length (left-padded); each generation step yields, for every
     answer still running, its position: the exit-layer hidden state of the token just
@@ -230,8 +230,8 @@ def answers_teacher(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_
                 pad_token_id=pad_token_id, return_dict_in_generate=True, output_hidden_states=True, output_logits=True,
             )
         answer = out.sequences[:, width:]  # [B, S]
-        ended_before = torch.isin(answer, eos).int().cumsum(1) - torch.isin(answer, eos).int()  # EOS strictly before step s
-        running = ended_before == 0  # [B, S]
+        is_eos = torch.isin(answer, eos).int()
+        running = is_eos.cumsum(1) - is_eos == 0  # [B, S]: no EOS strictly before step s
         # hidden_states[step][i]: what enters layer i (the embeddings at i = 0); [-1]: normed
         exit_hidden = {i: torch.stack([h[i][:, -1] for h in out.hidden_states], 1) for i in config.exit_layers}  # [B, S, H]
         deep = torch.stack([h[-1][:, -1] for h in out.hidden_states], 1)
@@ -243,37 +243,31 @@ def answers_teacher(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_
             parts[split].append(_positions(hidden, deep[row][keep], logits[row][keep], config.top_k))
     if not parts["train"] or not parts["heldout"]:
         raise ValueError(f"{len(prompts)} prompts are too few to hold out every {config.heldout_every}th: give more")
-    return _concat(parts["train"]), _concat(parts["heldout"]), len(prompts)
+    return _concat(parts["train"]), _concat(parts["heldout"])
 
 
 # ---- training and measuring --------------------------------------------------------------
 
 
-def exit_scores(model, adapter, exit_hidden):
-    """The exit head's (confidence, argmax) over the full vocabulary, at each position."""
+def exit_agreement(model, adapter, teacher: Teacher, layer: int):
+    """At each position: the exit head's confidence (top probability over the full
+    vocabulary) and whether its argmax equals the deep model's."""
     import torch
 
     confidence, predicted = [], []
     with torch.no_grad():
-        for chunk in torch.split(exit_hidden, 512):  # [512, V] logits at a time
+        for chunk in torch.split(teacher.exit_hidden[layer], 512):  # [512, V] logits at a time
             hidden = adapter(chunk) if adapter is not None else chunk
             probs = model.lm_head(model.model.norm(hidden.to(model.lm_head.weight.dtype))).float().softmax(-1)
             c, p = probs.max(-1)
             confidence.append(c)
             predicted.append(p)
-    return torch.cat(confidence), torch.cat(predicted)
+    return torch.cat(confidence), torch.cat(predicted) == teacher.top_ids[:, 0]
 
 
-def agreement(model, adapter, teacher: Teacher, layer: int) -> float:
-    """Share of positions where the exit head's argmax equals the deep model's."""
-    return (exit_scores(model, adapter, teacher.exit_hidden[layer])[1] == teacher.top_ids[:, 0]).float().mean().item()
-
-
-def exit_profile(model, adapter, teacher: Teacher, layer: int, confidences=REPORT_CONFIDENCES) -> dict:
+def exit_profile(confidence, agree, confidences=REPORT_CONFIDENCES) -> dict:
     """Per confidence threshold: the share of positions that reach it and the share of
-    those where the exit head agrees with the deep model."""
-    confidence, predicted = exit_scores(model, adapter, teacher.exit_hidden[layer])
-    agree = predicted == teacher.top_ids[:, 0]
+    those where the exit head agrees with the deep model (``exit_agreement``'s output)."""
     out = {}
     for c in confidences:
         exits = confidence >= c
@@ -350,7 +344,7 @@ def calibrate(generator, config: CalibrationConfig, prompts: Sequence[Sequence[i
     teacher = teacher_model(model, config.teacher_dtype)
     if prompts is not None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(generator.eos_token_ids)
-        train, heldout, _ = answers_teacher(teacher, prompts, generator.eos_token_ids, pad, config, progress)
+        train, heldout = answers_teacher(teacher, prompts, generator.eos_token_ids, pad, config, progress)
         source = "answers"
     else:
         texts = read_texts(Path(data))
@@ -361,9 +355,10 @@ def calibrate(generator, config: CalibrationConfig, prompts: Sequence[Sequence[i
 
     reports = []
     for layer in layers:
-        before = agreement(model, None, heldout, layer)
+        before = exit_agreement(model, None, heldout, layer)[1].float().mean().item()
         adapter = train_adapter(model, train, layer, config, progress)
-        after = agreement(model, adapter, heldout, layer)
+        confidence, agree = exit_agreement(model, adapter, heldout, layer)
+        after = agree.float().mean().item()
         # save the adapter alone, atomically
         path = Path(out) if out else adapter_path(generator.name, layer)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +370,6 @@ def calibrate(generator, config: CalibrationConfig, prompts: Sequence[Sequence[i
             model=generator.name, exit_layer=layer, source=source, steps=config.steps,
             train_positions=train.deep.shape[0], heldout_positions=heldout.deep.shape[0],
             agreement_before=round(before, 4), agreement_after=round(after, 4),
-            exits_after=exit_profile(model, adapter, heldout, layer), path=str(path),
+            exits_after=exit_profile(confidence, agree), path=str(path),
         ))
     return reports
