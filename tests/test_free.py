@@ -307,7 +307,7 @@ def test_free_calibrate_command_on_own_answers(smollm2, tmp_path, capsys, monkey
     assert not any(p in benchmarked for p in prompts)
 
     out = tmp_path / "report.json"
-    from ragdec.decoding.zoo import ragdec_home
+    from ragdec.models.home import ragdec_home
 
     home = tmp_path / "home"  # adapters land here; the prepared models are linked in
     home.mkdir()

@@ -77,7 +77,7 @@ def test_build_prompt_drops_oldest_turns_and_marks_the_kept_prefix():
 
 
 def test_default_method_is_bild_only_for_a_prepared_pair(tmp_path, monkeypatch):
-    from ragdec.decoding import zoo
+    from ragdec.models import zoo
     from ragdec.pipelines.router import default_method
 
     monkeypatch.setenv("RAGDEC_HOME", str(tmp_path))  # nothing prepared here

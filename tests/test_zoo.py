@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ragdec.decoding import zoo
+from ragdec.models import zoo
 
 SMOLLM2 = "smollm2-135m-instruct"
 

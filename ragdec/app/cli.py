@@ -19,7 +19,7 @@ def _write_json(payload: dict, path: str) -> None:
 
 
 def cmd_models_list(args) -> int:
-    from ragdec.decoding import zoo
+    from ragdec.models import zoo
 
     rows = [(name, spec.kind, zoo.model_status(name), spec.role) for name, spec in zoo.MODELS.items()]
     width = max(len(r[0]) for r in rows)
@@ -30,7 +30,7 @@ def cmd_models_list(args) -> int:
 
 
 def cmd_models_prepare(args) -> int:
-    from ragdec.decoding import zoo
+    from ragdec.models import zoo
 
     for name in args.names:
         path = zoo.prepare(name, progress=True)
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ragdec.decoding.zoo import ZooError  # light: no torch
+    from ragdec.models.zoo import ZooError  # light: no torch
 
     args = build_parser().parse_args(argv)
     try:

@@ -16,7 +16,7 @@ DEFAULT_FAQ_MODEL = "qwen2.5-coder-0.5b-instruct"  # ragdec.cache.faq.DEFAULT_FA
 
 def default_db() -> Path:
     """``$RAGDEC_HOME/qa-cache.sqlite``."""
-    from ragdec.decoding.zoo import ragdec_home
+    from ragdec.models.home import ragdec_home
 
     return ragdec_home() / "qa-cache.sqlite"
 

@@ -1,1 +1,1 @@
-"""Decoding: one draft-and-verify loop, its drafters and acceptance rules, KV-cache helpers, model zoo."""
+"""Decoding: one draft-and-verify loop, its drafters and acceptance rules, KV-cache helpers."""

@@ -99,7 +99,7 @@ def forward_cost(model, model_name: str) -> ForwardCost:
     (a few seconds, once per model, machine and thread count)."""
     import torch
 
-    from .zoo import ragdec_home
+    from ragdec.models.home import ragdec_home
 
     key = f"{Path(model_name).name or 'model'}-{_cpu_id()}-t{torch.get_num_threads()}"
     if key in _MEMO:

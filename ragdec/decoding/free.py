@@ -135,7 +135,7 @@ def safe_model_name(name: str) -> str:
 
 def adapter_path(model_name: str, exit_layer: int) -> Path:
     """Where ``ragdec free calibrate`` saves the adapter of a model at an exit layer."""
-    from .zoo import ragdec_home
+    from ragdec.models.home import ragdec_home
 
     return ragdec_home() / "free" / safe_model_name(model_name) / f"layer{exit_layer}.safetensors"
 

@@ -99,7 +99,7 @@ class Generator:
                 of six tokens in about the time of one; greedy output may differ from
                 float32's, so compare methods at one dtype.
         """
-        from .zoo import load_causal_lm
+        from ragdec.models.zoo import load_causal_lm
 
         configure_threads()
         model, tokenizer = load_causal_lm(name_or_path, dtype=torch_dtype(dtype))

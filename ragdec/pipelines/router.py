@@ -27,7 +27,7 @@ def default_method(model_name: str) -> str:
     bild-lossless; qwen2.5-coder-0.5b-instruct (no little model) -> greedy.
     """
     from ragdec.decoding.bild import LITTLE_MODELS
-    from ragdec.decoding.zoo import model_status
+    from ragdec.models.zoo import model_status
 
     little = LITTLE_MODELS.get(Path(model_name).name)
     if little and all(model_status(name) == "prepared" for name in (Path(model_name).name, little)):

@@ -17,7 +17,7 @@ from typing import Sequence
 
 DEFAULT_EMBEDDER = "multilingual-e5-small"  # zoo name; 384 dimensions, 100 languages
 E5_PREFIXES = {"query": "query: ", "passage": "passage: "}  # the prefixes E5 was trained with
-_ZOO_MANIFEST = "ragdec-model.json"  # written by ragdec.decoding.zoo into prepared folders
+_ZOO_MANIFEST = "ragdec-model.json"  # written by ragdec.models.zoo into prepared folders
 # A few short queries are too little work to share between threads: on 2 busy cores one
 # thread embedded a question in 27 ms where two took 85 ms to 1.1 s (each waiting at every
 # layer for the other to be scheduled). Batches of passages keep every thread.
@@ -136,7 +136,7 @@ class Embedder:
         passage_prefix: str | None = None,
         precision: str = "auto",
     ):
-        from ragdec.decoding.zoo import resolve
+        from ragdec.models.zoo import resolve
 
         sentence_transformers = _import_sentence_transformers()
         path = resolve(name)

@@ -28,6 +28,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from .home import ragdec_home
+
 MANIFEST = "ragdec-model.json"
 _CHUNK_BYTES = 8 << 20  # streaming read size: big enough for full disk speed, small in memory
 
@@ -116,11 +118,6 @@ MODELS: dict[str, ModelSpec] = {
         ),
     )
 }
-
-
-def ragdec_home() -> Path:
-    """``$RAGDEC_HOME``, or ``~/.cache/ragdec``."""
-    return Path(os.environ.get("RAGDEC_HOME") or Path.home() / ".cache" / "ragdec").expanduser()
 
 
 def _spec(name: str) -> ModelSpec:
@@ -223,7 +220,7 @@ def _stream_source(spec: ModelSpec, paths: list[Path], joined: Path | None, prog
         f"these files differ from what pip installed: {'; '.join(damaged)}"
         if damaged
         else "the files are as pip installed them, so the zoo's entry and the packages disagree "
-        "(if a reinstall does not help, the entry in ragdec/decoding/zoo.py needs fixing)"
+        "(if a reinstall does not help, the entry in ragdec/models/zoo.py needs fixing)"
     )
     raise ZooError(
         f"model {spec.name!r}: {what} ({found}) is not the expected source "
