@@ -255,6 +255,6 @@ def _bild(generator, prompt_ids, references, params):
     return _drafter(generator, prompt_ids, config), RollbackRule(config.rollback_threshold)
 
 
-@register_method("bild-lossless")
+@register_method("bild-lossless", lossless=True)
 def _bild_lossless(generator, prompt_ids, references, params):
     return _drafter(generator, prompt_ids, bild_config(params.options, "bild-lossless")), ExactMatch()

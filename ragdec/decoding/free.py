@@ -397,6 +397,6 @@ def _free(generator, prompt_ids, references, params):
     return build_free(generator, prompt_ids, free_config(params.options), lossless=False)
 
 
-@register_method("free-lossless")
+@register_method("free-lossless", lossless=True)
 def _free_lossless(generator, prompt_ids, references, params):
     return build_free(generator, prompt_ids, free_config(params.options, lossless=True), lossless=True)

@@ -188,7 +188,7 @@ def llma_config(options) -> LLMAConfig:
     return method_config(LLMAConfig, options, "llma")
 
 
-@register_method("llma")
+@register_method("llma", lossless=True)
 def _llma(generator, prompt_ids, references, params):
     config = llma_config(params.options)
     memory = generator.method_state.setdefault("llma", LLMAMemory()) if config.memory else LLMAMemory()

@@ -24,14 +24,28 @@ class GenerationParams:
 # factory(generator, prompt_ids, references, params) -> (drafter, acceptance rule)
 MethodFactory = Callable[[object, Sequence[int], Sequence[str], GenerationParams], tuple[Drafter, AcceptanceRule]]
 METHODS: dict[str, MethodFactory] = {}
+# methods whose output is greedy's, token for token (tests/test_lossless.py proves each one)
+LOSSLESS_METHODS: set[str] = set()
 
 
-def register_method(name: str):
+def register_method(name: str, lossless: bool = False):
+    """Register ``factory`` under ``name``; ``lossless=True`` promises greedy's output, which
+    the test suite then checks for this method on every tiny model without further code."""
+
     def register(factory: MethodFactory) -> MethodFactory:
         METHODS[name] = factory
+        if lossless:
+            LOSSLESS_METHODS.add(name)
         return factory
 
     return register
+
+
+def registered_methods() -> dict[str, MethodFactory]:
+    """Every registered method, the built-in modules imported first."""
+    for module in BUILTIN_METHOD_MODULES:
+        importlib.import_module(module)
+    return dict(METHODS)
 
 
 # every method's knobs (dataclasses registered with ``method_options``)
@@ -86,13 +100,12 @@ BUILTIN_METHOD_MODULES = ("ragdec.decoding.llma", "ragdec.decoding.pid", "ragdec
 
 
 def method_factory(name: str) -> MethodFactory:
-    for module in BUILTIN_METHOD_MODULES:
-        importlib.import_module(module)
+    registered_methods()
     if name not in METHODS:
         raise ValueError(f"unknown decoding method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
-@register_method("greedy")
+@register_method("greedy", lossless=True)
 def _greedy(generator, prompt_ids, references, params):
     return NoDraft(), ExactMatch()

@@ -52,13 +52,13 @@ PID_METHODS = {"pid": "greedy", "pid-llma": "llma"}
 COMPACT_AFTER = 16  # drop columns no row uses once this many have piled up
 
 
-@register_method("pid")
+@register_method("pid", lossless=True)
 def _pid_alone(generator, prompt_ids, references, params):
     """One request: nothing to share, so greedy (the batch goes through ``pid_generate``)."""
     return method_factory("greedy")(generator, prompt_ids, references, params)
 
 
-@register_method("pid-llma")
+@register_method("pid-llma", lossless=True)
 def _pid_llma_alone(generator, prompt_ids, references, params):
     """One request: nothing to share, so llma (the batch goes through ``pid_generate``)."""
     return method_factory("llma")(generator, prompt_ids, references, params)
