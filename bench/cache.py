@@ -127,7 +127,7 @@ def _embed(embedder, texts: Sequence[str], embeddings_dir: str | None):
 def _quality(name: str, pairs, records, target_false_hit_rate: float, target_wrong_rate: float, embeddings_dir: str | None) -> dict:
     import numpy as np
 
-    from ragdec.cache.calibration import calibrate_faq, calibrate_pairs, guard_passes
+    from ragdec.cache.calibration import calibrate_pairs, guard_passes
     from ragdec.retrieval.embedder import Embedder
 
     print(f"[cache bench] {name}: embedding questions ...", file=sys.stderr)

@@ -7,13 +7,12 @@ same work for every method and is reported apart as ``ttft_s``.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from ragdec import files
 
 from . import forced  # noqa: F401  (registers the forced-decoding methods)
 from .machine import machine_info
@@ -233,12 +232,5 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    """Write through a temp file renamed into place, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
-    os.replace(tmp, path)
+    """Write atomically (``ragdec.files.write_json``): a crash never leaves half a file."""
+    files.write_json(result, path)

@@ -184,7 +184,7 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
     from ragdec.bench.workloads import read_jsonl
     from ragdec.decoding.generator import configure_threads
     from ragdec.retrieval.embedder import Embedder
-    from ragdec.retrieval.index import IndexSpec, choose_spec
+    from ragdec.retrieval.index import IndexSpec
     from ragdec.retrieval.retriever import Retriever
 
     configure_threads()

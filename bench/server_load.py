@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from ragdec.files import read_jsonl
+
 MODEL = "smollm2-135m-instruct"
 MAX_NEW_TOKENS = 16
 CLIENTS = 20
@@ -42,8 +44,7 @@ def questions(count: int) -> list[str]:
     """``count`` distinct questions about the sample corpus's articles."""
     from ragdec.data import sample_corpus_path
 
-    with open(sample_corpus_path(), encoding="utf-8") as f:
-        titles = list(dict.fromkeys(json.loads(line)["title"] for line in f))
+    titles = list(dict.fromkeys(record["title"] for record in read_jsonl(sample_corpus_path())))
     pool = [template.format(title) for template in TEMPLATES for title in titles]
     if len(pool) < count:
         raise ValueError(f"only {len(pool)} distinct questions for {count} clients")
@@ -58,12 +59,10 @@ def build_store(folder: Path) -> Path:
 
     counts: dict[str, int] = {}
     records = []
-    with open(sample_corpus_path(), encoding="utf-8") as f:
-        for line in f:
-            record = json.loads(line)
-            if counts.get(record["title"], 0) < 2:
-                counts[record["title"]] = counts.get(record["title"], 0) + 1
-                records.append(line)
+    for record in read_jsonl(sample_corpus_path()):
+        if counts.get(record["title"], 0) < 2:
+            counts[record["title"]] = counts.get(record["title"], 0) + 1
+            records.append(json.dumps(record, ensure_ascii=False) + "\n")
     source = folder / "sample.jsonl"
     source.write_text("".join(records), encoding="utf-8")
     build([source], folder / "docs.store", embedder=Embedder("all-minilm-l6-v2"), progress=False)

@@ -38,6 +38,22 @@ def fsync_directory(folder: str | Path) -> None:
         os.close(fd)
 
 
+def durable_rename(source: str | Path, target: str | Path) -> Path:
+    """Rename a finished file or folder onto ``target`` so that it survives a crash: its
+    contents are fsynced first (every file, for a folder), the directory after the rename.
+    For what another library wrote in full (a SQLite file, a model folder)."""
+    source, target = Path(source), Path(target)
+    for path in sorted(source.rglob("*")) if source.is_dir() else [source]:
+        if path.is_file():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+    if source.is_dir():
+        fsync_directory(source)
+    os.replace(source, target)
+    fsync_directory(target.parent)
+    return target
+
+
 @contextmanager
 def atomic_path(path: str | Path, mode: int = 0o644) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; on success it is fsynced and renamed

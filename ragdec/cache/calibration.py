@@ -18,11 +18,12 @@ half the time. ``wilson_upper`` makes "within 1%" mean "within 1% unless we were
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
+
+from ragdec.files import iter_jsonl
 
 from .guard import paraphrase_guard
 from .lookup import Policy
@@ -90,15 +91,11 @@ def read_pairs(path: str | Path) -> list[Pair]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass --pairs with a JSON Lines file of {{\"a\", \"b\", \"duplicate\"}} records")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                pairs.append(Pair(str(record["a"]), str(record["b"]), bool(int(record["duplicate"]))))
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: expected {{\"a\": str, \"b\": str, \"duplicate\": 0|1}} ({error})") from error
+    for number, record in iter_jsonl(path):
+        try:
+            pairs.append(Pair(str(record["a"]), str(record["b"]), bool(int(record["duplicate"]))))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}, line {number}: expected {{\"a\": str, \"b\": str, \"duplicate\": 0|1}} ({error})") from error
     if not any(p.duplicate for p in pairs) or all(p.duplicate for p in pairs):
         raise ValueError(f"{path}: calibration needs both duplicate and non-duplicate pairs")
     return pairs

@@ -20,10 +20,11 @@ of one forward pass per copied span), and the answer is cached for the next aske
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from ragdec.files import iter_jsonl
 
 from .lookup import Lookup, QACache
 from .store import HUMAN, NewEntry
@@ -67,25 +68,21 @@ def read_faq(path: str | Path) -> list[FaqRecord]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass a JSON Lines file of {{\"question\", \"answers\"[, \"paraphrases\"]}} records")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                answers = record.get("answers", [record["answer"]] if "answer" in record else [])
-                answers = [answers] if isinstance(answers, str) else answers
-                question = record["question"]
-                if not isinstance(question, str) or not question.strip():
-                    raise ValueError("empty question")
-                if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-                    raise ValueError("no answer")
-                paraphrases = [p for p in record.get("paraphrases", []) if isinstance(p, str) and p.strip()]
-            except (ValueError, KeyError, TypeError, AttributeError) as error:
-                raise ValueError(
-                    f"{path}:{number}: expected {{\"question\": str, \"answers\": [str, ...], \"paraphrases\": [str, ...]}} ({error})"
-                ) from error
-            records.append(FaqRecord(str(record.get("id", number)), question, tuple(answers), tuple(paraphrases)))
+    for number, record in iter_jsonl(path):
+        try:
+            answers = record.get("answers", [record["answer"]] if "answer" in record else [])
+            answers = [answers] if isinstance(answers, str) else answers
+            question = record["question"]
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError("empty question")
+            if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+                raise ValueError("no answer")
+            paraphrases = [p for p in record.get("paraphrases", []) if isinstance(p, str) and p.strip()]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"{path}, line {number}: expected {{\"question\": str, \"answers\": [str, ...], \"paraphrases\": [str, ...]}} ({error})"
+            ) from error
+        records.append(FaqRecord(str(record.get("id", number)), question, tuple(answers), tuple(paraphrases)))
     if not records:
         raise ValueError(f"{path} holds no FAQ records")
     return records

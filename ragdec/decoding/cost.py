@@ -9,11 +9,12 @@ be accepted. The cost curve is measured once per model and machine and kept in
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from ragdec.files import write_json
 
 MEASURED_DRAFTS = (0, 1, 2, 4, 8, 12, 16)  # draft lengths timed; the rest interpolated
 
@@ -109,10 +110,7 @@ def forward_cost(model, model_name: str) -> ForwardCost:
         cost = ForwardCost(tuple(json.loads(path.read_text())["seconds"]))
     except (OSError, ValueError, KeyError):
         cost = measure_forward_cost(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"model": model_name, "seconds": cost.seconds}))
-        os.replace(tmp, path)
+        write_json({"model": model_name, "seconds": cost.seconds}, path)
     _MEMO[key] = cost
     return cost
 

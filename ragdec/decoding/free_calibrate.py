@@ -36,12 +36,12 @@ To run in minutes on two CPU cores:
 from __future__ import annotations
 
 import copy
-import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from ragdec.files import atomic_path, iter_jsonl
 
 from .free import adapter_path, exit_adapter
 
@@ -116,18 +116,16 @@ def read_texts(path: Path, limit: int = 2000) -> list[str]:
     or of a plain text file (paragraphs)."""
     texts: list[str] = []
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                for key in ("document", "text", "context", "article", "docs", "summary"):
-                    value = record.get(key)
-                    if isinstance(value, list):  # a list of passages (llma_cnndm's docs)
-                        value = "\n\n".join(v for v in value if isinstance(v, str))
-                    if isinstance(value, str) and value.strip():
-                        texts.append(value)
-                        break
-                if len(texts) >= limit:
+        for _, record in iter_jsonl(path):
+            for key in ("document", "text", "context", "article", "docs", "summary"):
+                value = record.get(key)
+                if isinstance(value, list):  # a list of passages (llma_cnndm's docs)
+                    value = "\n\n".join(v for v in value if isinstance(v, str))
+                if isinstance(value, str) and value.strip():
+                    texts.append(value)
                     break
+            if len(texts) >= limit:
+                break
     else:
         texts = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()][:limit]
     if not texts:
@@ -359,13 +357,11 @@ def calibrate(generator, config: CalibrationConfig, prompts: Sequence[Sequence[i
         adapter = train_adapter(model, train, layer, config, progress)
         confidence, agree = exit_agreement(model, adapter, heldout, layer)
         after = agree.float().mean().item()
-        # save the adapter alone, atomically
+        # the adapter alone
         path = Path(out) if out else adapter_path(generator.name, layer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         metadata = {"exit_layer": str(layer), "source": source, "agreement_before": f"{before:.4f}", "agreement_after": f"{after:.4f}"}
-        save_file({k: v.detach().contiguous() for k, v in adapter.state_dict().items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in adapter.state_dict().items()}, str(tmp), metadata=metadata)
         reports.append(CalibrationReport(
             model=generator.name, exit_layer=layer, source=source, steps=config.steps,
             train_positions=train.deep.shape[0], heldout_positions=heldout.deep.shape[0],

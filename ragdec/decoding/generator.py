@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .kv import PrefixStore
 from .loop import decode
@@ -51,6 +51,23 @@ class Generation:
     token_ids: tuple[int, ...]  # every generated token, EOS or the stop string's tokens included
     finish_reason: str  # "stop" | "length"
     stats: DecodeStats
+
+    @classmethod
+    def from_chunks(cls, chunks: Iterable[TextChunk]) -> "Generation":
+        """The whole answer from one request's stream of chunks (the last carries the end).
+
+        The one place a Generation is assembled: ``Generator.generate``, ``pid_generate``
+        and ``ragdec generate`` (which prints the chunks as they pass) all come here.
+        """
+        texts: list[str] = []
+        token_ids: list[int] = []
+        last = None
+        for last in chunks:
+            texts.append(last.text)
+            token_ids.extend(last.token_ids)
+        if last is None or last.finish_reason is None:
+            raise ValueError("the stream ended before its last chunk (no finish_reason)")
+        return cls("".join(texts), tuple(token_ids), last.finish_reason, last.stats)
 
     def as_dict(self) -> dict:
         return {
@@ -153,9 +170,4 @@ class Generator:
         prefix_len: int = 0,
     ) -> Generation:
         """Decode to the end; return the whole answer with its stats."""
-        texts: list[str] = []
-        token_ids: list[int] = []
-        for chunk in self.stream(prompt_ids, params, references, prefix_len):
-            texts.append(chunk.text)
-            token_ids.extend(chunk.token_ids)
-        return Generation("".join(texts), tuple(token_ids), chunk.finish_reason, chunk.stats)
+        return Generation.from_chunks(self.stream(prompt_ids, params, references, prefix_len))

@@ -301,17 +301,10 @@ def pid_generate(
 ) -> list[Generation]:
     """Answer every prompt in one batch (see ``pid_stream``); one ``Generation`` per prompt,
     in order."""
-    texts: list[list[str]] = [[] for _ in prompts_ids]
-    token_ids: list[list[int]] = [[] for _ in prompts_ids]
-    last: list[TextChunk | None] = [None] * len(prompts_ids)
+    chunks: list[list[TextChunk]] = [[] for _ in prompts_ids]
     for i, chunk in pid_stream(generator, prompts_ids, params, references, share):
-        texts[i].append(chunk.text)
-        token_ids[i].extend(chunk.token_ids)
-        last[i] = chunk
-    return [
-        Generation("".join(t), tuple(ids), chunk.finish_reason, chunk.stats)
-        for t, ids, chunk in zip(texts, token_ids, last)
-    ]
+        chunks[i].append(chunk)
+    return [Generation.from_chunks(row) for row in chunks]
 
 
 # ---- the batched forwards ----------------------------------------------------------------

@@ -20,13 +20,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+from ragdec.files import durable_rename, write_json
 
 from .home import ragdec_home
 
@@ -124,6 +125,21 @@ def _spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ZooError(f"unknown model {name!r}; the zoo knows: {', '.join(MODELS)}")
     return MODELS[name]
+
+
+# "1": this process may not prepare or load zoo models. The test suite sets it for every
+# test not marked `weights`, so that a test loading weights past the fixtures fails loudly
+# instead of slipping into the fast lane; subprocesses inherit it.
+NO_WEIGHTS = "RAGDEC_NO_WEIGHTS"
+
+
+def _refuse_if_no_weights(name: str) -> None:
+    if os.environ.get(NO_WEIGHTS) == "1":
+        raise ZooError(
+            f"{name}: loading model weights is switched off here ({NO_WEIGHTS}=1, set by the test suite for "
+            "tests not marked `weights`): a test that loads a zoo model takes the `weights` fixture, or one "
+            "built on it such as `smollm2` or `minilm` (tests/conftest.py)"
+        )
 
 
 def _model_dir(name: str) -> Path:
@@ -279,6 +295,7 @@ def prepare(name: str, progress: bool = True) -> Path:
         ZooError: unknown name, packages missing (with the pip command), damaged source.
     """
     spec = _spec(name)
+    _refuse_if_no_weights(name)
     final = _model_dir(name)
     if (final / MANIFEST).is_file():
         return final
@@ -313,7 +330,7 @@ def prepare(name: str, progress: bool = True) -> Path:
         if final.exists() and not (final / MANIFEST).is_file():
             shutil.rmtree(final)  # a folder without a manifest is not ours to keep
         try:
-            out_dir.rename(final)
+            durable_rename(out_dir, final)
         except OSError:
             if not (final / MANIFEST).is_file():  # lost a race only if the winner finished
                 raise
@@ -334,7 +351,7 @@ def _write_manifest(spec: ModelSpec, out_dir: Path) -> None:
         "source_size_bytes": spec.size_bytes,
         "transformers": transformers.__version__,
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(manifest, out_dir / MANIFEST)
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -350,6 +367,7 @@ def resolve(name_or_path: str, prepare_missing: bool = True) -> str:
             not prepared while ``prepare_missing`` is false.
     """
     if name_or_path in MODELS:
+        _refuse_if_no_weights(name_or_path)
         if model_status(name_or_path) == "prepared":
             return str(_model_dir(name_or_path))
         if not prepare_missing:

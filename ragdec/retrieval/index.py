@@ -17,12 +17,12 @@ but not a search during an add.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from ragdec.files import atomic_path
 
 IVF_MIN_VECTORS = 50_000  # "auto" picks IVF from here on (exact search passes ~10 ms on 2 cores)
 IVF_TRAIN_PER_CELL = 39  # FAISS warns below 39 training points per cell
@@ -224,19 +224,10 @@ class VectorIndex:
             return int(faiss.serialize_index(self.faiss_index).nbytes)
 
     def save(self, path: str | Path) -> None:
-        """Write to ``path`` through a temp file renamed into place."""
+        """Write to ``path`` atomically (temp file, fsync, rename)."""
         faiss = import_faiss()
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the store is shared like any data file
-        try:
-            with self._lock:
-                faiss.write_index(self.faiss_index, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp, self._lock:
+            faiss.write_index(self.faiss_index, str(tmp))
 
     @classmethod
     def load(cls, path: str | Path, spec: IndexSpec, dimension: int) -> "VectorIndex":

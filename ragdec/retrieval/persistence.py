@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ragdec.files import write_json
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # layout of the folder; bump when a reader of the old layout would misread it
@@ -94,19 +94,8 @@ def read_manifest(folder: Path) -> Manifest | None:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
-    """Commit a generation: write the manifest to a temp file, fsync, rename into place."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{MANIFEST}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; the store is shared like any data file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(asdict(manifest), f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / MANIFEST)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Commit a generation: the manifest, written atomically (temp file, fsync, rename)."""
+    write_json(asdict(manifest), folder / MANIFEST)
 
 
 def utc_now() -> str:

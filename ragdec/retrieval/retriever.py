@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ragdec.files import durable_rename
+
 from .embedder import DEFAULT_EMBEDDER, Embedder
 from .fusion import reciprocal_rank_fusion
 from .index import IndexFileError, IndexSpec, VectorIndex, choose_spec
@@ -308,7 +310,7 @@ class Retriever:
         self.documents.close()
         # 1. the new generation's files, under names no manifest points to yet
         self.index.save(self.folder / manifest.index_file)
-        working.rename(self.folder / manifest.documents_file)
+        durable_rename(working, self.folder / manifest.documents_file)
         # 2. the commit
         write_manifest(self.folder, manifest)
         # 3. tidy up, then a working copy for further writes
