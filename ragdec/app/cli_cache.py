@@ -11,25 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .cli_common import db_path, given, write_json
+
 DEFAULT_FAQ_MODEL = "qwen2.5-coder-0.5b-instruct"  # ragdec.cache.faq.DEFAULT_FAQ_MODEL, without importing it
-
-
-def default_db() -> Path:
-    """``$RAGDEC_HOME/qa-cache.sqlite``."""
-    from ragdec.models.home import ragdec_home
-
-    return ragdec_home() / "qa-cache.sqlite"
-
-
-def _write_json(payload: dict, path: str) -> None:
-    from ragdec.bench.harness import write_json
-
-    write_json(payload, path)
-    print(f"wrote {path}", file=sys.stderr)
-
-
-def _db(args) -> Path:
-    return Path(args.db).expanduser() if args.db else default_db()
 
 
 # ---- cache -----------------------------------------------------------------------------
@@ -38,7 +22,7 @@ def _db(args) -> Path:
 def cmd_cache_stats(args) -> int:
     from ragdec.cache.store import QAStore
 
-    store = QAStore.open(_db(args), None, create=False)
+    store = QAStore.open(db_path(args), None, create=False)
     try:
         stats = store.stats()
         policies = {kind: json.loads(store.setting(f"policy.{kind}") or "null") for kind in ("pairs", "faq")}
@@ -58,14 +42,14 @@ def cmd_cache_stats(args) -> int:
         else:
             print(f"policy {kind}: shipped default for the embedder (not calibrated in this file)")
     if args.json:
-        _write_json({**stats.as_dict(), "policies": policies}, args.json)
+        write_json({**stats.as_dict(), "policies": policies}, args.json)
     return 0
 
 
 def cmd_cache_clear(args) -> int:
     from ragdec.cache.store import QAStore
 
-    store = QAStore.open(_db(args), None, create=False)
+    store = QAStore.open(db_path(args), None, create=False)
     try:
         if args.max_entries is not None:
             before = len(store)
@@ -76,7 +60,7 @@ def cmd_cache_clear(args) -> int:
     finally:
         store.close()
     what = "expired entries" if args.expired else f"entries of model {args.model}" if args.model else "entries (all)"
-    print(f"deleted {deleted} {what} from {_db(args)}")
+    print(f"deleted {deleted} {what} from {db_path(args)}")
     return 0
 
 
@@ -85,12 +69,13 @@ def cmd_cache_calibrate(args) -> int:
     from ragdec.cache.lookup import QACache
 
     pairs = calibration.read_pairs(args.pairs)
-    cache = QACache.open(_db(args), args.embedder)
+    cache = QACache.open(db_path(args), args.embedder)
     try:
         print(f"embedding {len(pairs)} pairs with {cache.embedder.info.name} ...", file=sys.stderr)
         a, b = calibration.pair_vectors(cache.embedder, pairs, progress=True)
         result = calibration.calibrate_pairs(
-            (a * b).sum(axis=1), [p.duplicate for p in pairs], calibration.guard_passes(pairs), args.target_false_hit_rate
+            (a * b).sum(axis=1), [p.duplicate for p in pairs], calibration.guard_passes(pairs),
+            **given(target_false_hit_rate=args.target_false_hit_rate),
         )
         report = {"pairs": {**result.report(), "file": str(args.pairs)}}
         cache.save_policy("pairs", result.policy, report["pairs"])
@@ -101,11 +86,12 @@ def cmd_cache_calibrate(args) -> int:
             first = {q: i for i, q in reversed(list(enumerate(questions)))}
             unrelated = list(first)
             vectors = [a[i] if i < len(pairs) else b[i - len(pairs)] for i in (first[q] for q in unrelated)]
-            faq_result, faq_rows = _calibrate_faq(cache, args.faq, args.target_wrong_rate, (unrelated, vectors), args.target_false_hit_rate)
+            targets = given(target_wrong_rate=args.target_wrong_rate, target_out_of_set_rate=args.target_false_hit_rate)
+            faq_result, faq_rows = _calibrate_faq(cache, args.faq, (unrelated, vectors), targets)
             report["faq"] = {**faq_result.report(), "file": str(args.faq)}
             cache.save_policy("faq", faq_result.policy, report["faq"])
         plot = calibration.plot_calibration(
-            result, args.plot or _db(args).with_suffix(".calibration.png"), f"QA cache calibration, {cache.embedder.info.name}", faq_rows,
+            result, args.plot or db_path(args).with_suffix(".calibration.png"), f"QA cache calibration, {cache.embedder.info.name}", faq_rows,
             faq_result.policy if args.faq else None,
         )
     finally:
@@ -122,15 +108,16 @@ def cmd_cache_calibrate(args) -> int:
             f"{f['right_rate']:.1%} right, {f['wrong_rate']:.2%} wrong of {f['queries']} paraphrases; "
             f"{f['out_of_set_rate']:.2%} of {f['out_of_set_queries']} unrelated questions served"
         )
-    print(f"saved in {_db(args)}; plot {plot}")
+    print(f"saved in {db_path(args)}; plot {plot}")
     if args.json:
-        _write_json(report, args.json)
+        write_json(report, args.json)
     return 0
 
 
-def _calibrate_faq(cache, faq_path: str, target_wrong_rate: float, unrelated, target_out_of_set_rate: float):
+def _calibrate_faq(cache, faq_path: str, unrelated, targets: dict):
     """Import the FAQ's canonical questions into a scratch cache with the same embedder and
-    calibrate on how its paraphrases, and ``unrelated`` (questions, vectors), meet them."""
+    calibrate on how its paraphrases, and ``unrelated`` (questions, vectors), meet them;
+    ``targets``: the rates given (``calibration.calibrate_faq``'s own defaults otherwise)."""
     from ragdec.cache import calibration
     from ragdec.cache.faq import faq_entries, read_faq, score_paraphrases, score_questions
     from ragdec.cache.lookup import QACache
@@ -148,8 +135,7 @@ def _calibrate_faq(cache, faq_path: str, target_wrong_rate: float, unrelated, ta
         finally:
             store.close()
     result = calibration.calibrate_faq(
-        scores.top, scores.margin, scores.guard_pass, scores.right, target_wrong_rate,
-        (out_top, out_margin, out_guard), target_out_of_set_rate,
+        scores.top, scores.margin, scores.guard_pass, scores.right, out_of_set=(out_top, out_margin, out_guard), **targets
     )
     rows = calibration.faq_curve(scores.top, scores.margin, scores.guard_pass, scores.right, result.policy)
     return result, rows
@@ -162,12 +148,12 @@ def cmd_faq_import(args) -> int:
     from ragdec.cache.faq import import_faq
     from ragdec.cache.lookup import QACache
 
-    cache = QACache.open(_db(args), args.embedder)
+    cache = QACache.open(db_path(args), args.embedder)
     try:
         report = import_faq(cache, args.file, with_paraphrases=not args.no_paraphrases, progress=True)
     finally:
         cache.close()
-    print(f"imported {report.records} questions as {report.entries} entries into {_db(args)}")
+    print(f"imported {report.records} questions as {report.entries} entries into {db_path(args)}")
     return 0
 
 
@@ -175,19 +161,19 @@ def cmd_faq_ask(args) -> int:
     from ragdec.cache.faq import FaqService
     from ragdec.cache.lookup import QACache
 
-    cache = QACache.open(_db(args), create=False)
+    cache = QACache.open(db_path(args), create=False)
     try:
-        service = FaqService(cache, model=args.model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
+        service = FaqService(cache, **given(model=args.model, max_new_tokens=args.max_new_tokens), cache_generated=not args.no_cache)
         answer = service.ask(args.question)
     finally:
         cache.close()
     print(answer.text)
     lookup = answer.lookup
-    how = f"generated by {args.model} with {len(lookup.references)} FAQ references" if answer.generated else f"{lookup.outcome} hit"
+    how = f"generated by {service.model} with {len(lookup.references)} FAQ references" if answer.generated else f"{lookup.outcome} hit"
     matched = f"; closest: {lookup.matched_question!r} ({lookup.score:.3f}, {lookup.reason})" if lookup.matched_question else ""
     print(f"[{how}{matched}]", file=sys.stderr)
     if args.json:
-        _write_json({"text": answer.text, "generated": answer.generated, "lookup": lookup.as_dict(), "stats": answer.stats}, args.json)
+        write_json({"text": answer.text, "generated": answer.generated, "lookup": lookup.as_dict(), "stats": answer.stats}, args.json)
     return 0
 
 
@@ -221,8 +207,8 @@ def register(subparsers) -> None:
     calibrate.add_argument("--pairs", required=True, help='JSON Lines of {"a", "b", "duplicate"}, e.g. ../shared/data/cache/qqp_pairs.jsonl')
     calibrate.add_argument("--faq", help="also calibrate FAQ answering on this file's paraphrases, e.g. ../shared/data/faq/stackfaq.jsonl")
     calibrate.add_argument("--embedder", help="embedder of a new cache (default: the cache's own, else all-minilm-l6-v2)")
-    calibrate.add_argument("--target-false-hit-rate", type=float, default=0.01, help="false semantic hits allowed among non-duplicates (default 0.01)")
-    calibrate.add_argument("--target-wrong-rate", type=float, default=0.02, help="FAQ: wrong answers allowed among paraphrases (default 0.02)")
+    calibrate.add_argument("--target-false-hit-rate", type=float, help="false semantic hits allowed among non-duplicates (default 0.01)")
+    calibrate.add_argument("--target-wrong-rate", type=float, help="FAQ: wrong answers allowed among paraphrases (default 0.02)")
     calibrate.add_argument("--plot", help="PNG of threshold against hit and false-hit rates (default: next to the cache)")
     calibrate.add_argument("--json", metavar="PATH", help="write the calibration report as JSON")
     calibrate.set_defaults(func=cmd_cache_calibrate)
@@ -239,8 +225,8 @@ def register(subparsers) -> None:
     ask = faq_actions.add_parser("ask", help="answer one question")
     ask.add_argument("question")
     _add_db(ask)
-    ask.add_argument("--model", default=DEFAULT_FAQ_MODEL, help=f"model that answers when no FAQ entry is safe (default {DEFAULT_FAQ_MODEL})")
-    ask.add_argument("--max-new-tokens", type=int, default=256)
+    ask.add_argument("--model", help=f"model that answers when no FAQ entry is safe (default {DEFAULT_FAQ_MODEL})")
+    ask.add_argument("--max-new-tokens", type=int, help="most tokens of a generated answer (default 256)")
     ask.add_argument("--no-cache", action="store_true", help="do not cache a generated answer")
     ask.add_argument("--json", metavar="PATH", help="write the answer, the lookup and decoding stats as JSON")
     ask.set_defaults(func=cmd_faq_ask)

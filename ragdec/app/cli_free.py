@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+from .cli_common import DEFAULT_MODEL, write_json
+
 # the benchmark workloads whose prompts calibration answers, and how many of each workload's
 # first prompts it skips: the committed benchmarks use at most the first 12, so the adapter
 # never sees a benchmark prompt
@@ -81,9 +82,7 @@ def cmd_free_calibrate(args) -> int:
             print(f"  confidence >= {confidence}: {row['exit']:.1%} of positions would exit, {precision} of them agree")
         print(f"  adapter: {report.path}")
     if args.json:
-        from ragdec.app.cli import _write_json  # through a temp file, renamed into place
-
-        _write_json([report.as_dict() for report in reports], args.json)
+        write_json([report.as_dict() for report in reports], args.json)
     return 0
 
 

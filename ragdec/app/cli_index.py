@@ -14,20 +14,18 @@ import dataclasses
 import sys
 import textwrap
 
+from .cli_common import given, write_json
+
 
 def _settings(args, stored: dict | None):
     """The stored settings (or the defaults), with the flags given on this command line."""
     from ragdec.retrieval.persistence import Settings
 
     settings = Settings(**stored) if stored and not args.rebuild else Settings()
-    given = {
-        "index_kind": args.index_kind,
-        "nprobe": args.nprobe,
-        "chunk_tokens": args.chunk_tokens,
-        "overlap_tokens": args.overlap_tokens,
-        "embed_titles": None if args.embed_titles is None else args.embed_titles == "yes",
-    }
-    return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
+    return dataclasses.replace(settings, **given(
+        index_kind=args.index_kind, nprobe=args.nprobe, chunk_tokens=args.chunk_tokens, overlap_tokens=args.overlap_tokens,
+        embed_titles=None if args.embed_titles is None else args.embed_titles == "yes",
+    ))
 
 
 def cmd_index_build(args) -> int:
@@ -44,10 +42,9 @@ def cmd_index_build(args) -> int:
         raise ValueError(f"--store {store} is a file; give a folder (it is created if missing)")
     manifest = read_manifest(store) if store.is_dir() else None
     settings = _settings(args, manifest.settings if manifest else None)
-    options = ReadOptions(
-        text_field=args.text_field, title_field=args.title_field, id_field=args.id_field,
-        max_line_chars=args.max_line_chars,
-    )
+    options = ReadOptions(**given(
+        text_field=args.text_field, title_field=args.title_field, id_field=args.id_field, max_line_chars=args.max_line_chars,
+    ))
     report = build(
         args.paths, store, embedder=args.model, settings=settings, rebuild=args.rebuild,
         read_options=options, progress=not args.quiet, prune=args.prune,
@@ -57,8 +54,6 @@ def cmd_index_build(args) -> int:
     if final is not None:
         print(f"{store}: {final.passages} passages, {final.index['kind']} index, embedder {final.embedder['name']}")
     if args.json:
-        from ragdec.bench.harness import write_json
-
         payload = dataclasses.asdict(report) | {"passages_per_s": round(report.passages_per_s, 2)}
         write_json(payload | {"store": str(store), "manifest": dataclasses.asdict(final) if final else None}, args.json)
     return 0
@@ -81,8 +76,6 @@ def cmd_index_search(args) -> int:
         text = hit.text if args.full else textwrap.shorten(hit.text, width=args.width, placeholder=" ...")
         print(textwrap.indent(textwrap.fill(text, width=100), "    "))
     if args.json:
-        from ragdec.bench.harness import write_json
-
         write_json(
             {"query": args.query, "mode": args.mode, "k": args.k,
              "hits": [{"rank": h.rank, "score": h.score} | dataclasses.asdict(h.passage) for h in hits]},
@@ -97,8 +90,7 @@ def register(subparsers) -> None:
     actions = index.add_subparsers(dest="action", required=True)
 
     build = actions.add_parser(
-        "build", help="index files and folders (.txt .md .jsonl .pdf); re-running adds only new or changed files",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "build", help="index files and folders (.txt .md .jsonl .pdf); re-running adds only new or changed files"
     )
     build.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (searched recursively)")
     build.add_argument("--store", required=True, metavar="DIR", help="store folder (created if missing)")
@@ -112,10 +104,10 @@ def register(subparsers) -> None:
     build.add_argument("--chunk-tokens", type=int, help="passage length in embedder tokens [stored: 256]")
     build.add_argument("--overlap-tokens", type=int, help="tokens shared by consecutive passages [stored: 32]")
     build.add_argument("--embed-titles", choices=("yes", "no"), help="embed a passage's title with it [stored: no]")
-    build.add_argument("--text-field", default="text", help="JSON Lines field holding the text")
-    build.add_argument("--title-field", default="title", help="JSON Lines field holding the title")
-    build.add_argument("--id-field", default="id", help="JSON Lines field naming the record")
-    build.add_argument("--max-line-chars", type=int, default=200_000, help="skip files with a longer line")
+    build.add_argument("--text-field", help="JSON Lines field holding the text (default text)")
+    build.add_argument("--title-field", help="JSON Lines field holding the title (default title)")
+    build.add_argument("--id-field", help="JSON Lines field naming the record (default id)")
+    build.add_argument("--max-line-chars", type=int, help="skip files with a longer line (default 200000)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.add_argument("--json", metavar="PATH", help="write the ingestion report as JSON")
     build.set_defaults(func=cmd_index_build)

@@ -11,42 +11,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-
-
-def build_pipeline(args):
-    """The pipeline the flags describe: the store opened (its embedder checked), the QA
-    cache opened unless ``--no-cache``, the model loaded (prepared first when needed)."""
-    from pathlib import Path
-
-    from ragdec.decoding.generator import Generator, configure_threads
-    from ragdec.pipelines.rag import RagPipeline, RagSettings
-    from ragdec.pipelines.router import Router, default_method
-    from ragdec.retrieval.retriever import Retriever
-
-    configure_threads()
-    retriever = None
-    if args.store:
-        store = Path(args.store).expanduser()
-        if not store.is_dir():
-            raise FileNotFoundError(f"no store at {store}: build one with `ragdec index build PATH... --store {store}`")
-        retriever = Retriever.open(store)
-    cache = None
-    if not args.no_cache:
-        from ragdec.app.cli_cache import default_db
-        from ragdec.cache.lookup import QACache
-
-        cache = QACache.open(Path(args.db).expanduser() if args.db else default_db())
-    generator = Generator.load(args.model, args.dtype)
-    settings = RagSettings(k=args.k, search_mode=args.mode, cache_answers=not args.no_cache)
-    return RagPipeline(generator, retriever, cache, settings, Router(default=args.default_method or default_method(args.model)))
-
-
-def _params(args):
-    from ragdec.app.cli import _method_options
-    from ragdec.decoding.methods import GenerationParams
-
-    return GenerationParams(max_new_tokens=args.max_new_tokens, method=args.method, options=_method_options(args))
+from .cli_common import add_pipeline_arguments, build_pipeline, generation_params, write_json
 
 
 def stats_line(chunk) -> str:
@@ -136,7 +101,7 @@ def _requests(args, questions: list[str]):
             raise ValueError(f"--document {path} is empty")
         head = [{"role": "system", "content": f"Answer the question from this document, in one or two sentences.\n\n{document}"}]
         references = (document,)
-    params = _params(args)
+    params = generation_params(args)
     return [Request([*head, {"role": "user", "content": q}], references, params) for q in questions]
 
 
@@ -166,8 +131,6 @@ def cmd_ask(args) -> int:
         if pipeline.cache is not None:
             pipeline.cache.close()
     if args.json:
-        from ragdec.bench.harness import write_json
-
         write_json({"answers": results}, args.json)
     return 0
 
@@ -179,7 +142,7 @@ def cmd_chat(args) -> int:
     from ragdec.pipelines.chat import ChatSession
 
     pipeline = build_pipeline(args)
-    session = ChatSession(pipeline, _params(args))
+    session = ChatSession(pipeline, generation_params(args))
     print(f"ragdec chat with {args.model}" + (f" over {args.store}" if args.store else "") + f". {CHAT_HELP}.", file=sys.stderr)
     try:
         while True:
@@ -216,25 +179,6 @@ def cmd_chat(args) -> int:
             pipeline.cache.close()
 
 
-def _add_common(parser) -> None:
-    from ragdec.app.cli import _add_method_knobs, add_dtype_argument
-
-    parser.add_argument("--store", metavar="DIR", help="document store built by `ragdec index build` (none: the model alone)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="answer model: zoo name, local folder or hub id")
-    parser.add_argument("--method", default="auto", help="decoding method; auto: llma when there is text to copy, else --default-method")
-    parser.add_argument(
-        "--default-method", help="what auto picks when there is nothing to copy (default: bild-lossless for a big "
-        "model whose little model is prepared, else greedy)"
-    )
-    parser.add_argument("-k", type=int, default=5, help="passages retrieved per question")
-    parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), default="dense", help="retrieval mode")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--db", help="QA cache file (default: $RAGDEC_HOME/qa-cache.sqlite)")
-    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the QA cache")
-    _add_method_knobs(parser)
-    add_dtype_argument(parser)
-
-
 def register(subparsers) -> None:
     """Add ``ask`` and ``chat`` to an argparse subparsers object."""
     ask = subparsers.add_parser("ask", help="answer questions over a document store, with sources and stats")
@@ -242,11 +186,11 @@ def register(subparsers) -> None:
     ask.add_argument("--questions-file", metavar="F", help="more questions, one per line")
     ask.add_argument("--document", metavar="F", help="answer from this text file (instead of, or besides, --store); "
                      "several questions about it are answered in one batch (PiD)")
-    _add_common(ask)
+    add_pipeline_arguments(ask)
     ask.add_argument("--no-sources", action="store_true", help="do not list the passages")
     ask.add_argument("--json", metavar="PATH", help="write answers, sources and stats as JSON")
     ask.set_defaults(func=cmd_ask)
 
     chat = subparsers.add_parser("chat", help="an interactive conversation over a document store")
-    _add_common(chat)
+    add_pipeline_arguments(chat)
     chat.set_defaults(func=cmd_chat)

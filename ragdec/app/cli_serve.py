@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import sys
 
+from .cli_common import add_pipeline_arguments, build_pipeline, generation_params
+
 
 def build_app(args):
     """The app the flags describe: the RAG pipeline (``ragdec ask``'s flags), or the FAQ
     service over ``--faq-db``."""
-    from ragdec.decoding.methods import GenerationParams
-
-    from .cli import _method_options
     from .server import create_app
 
-    defaults = GenerationParams(max_new_tokens=args.max_new_tokens, method=args.method, options=_method_options(args))
+    defaults = generation_params(args)
     if args.faq_db:
         from pathlib import Path
 
@@ -38,8 +37,6 @@ def build_app(args):
         service.generator  # load the model now, not on the first question
         return create_app(FaqPipeline(service), args.model, defaults=defaults, mode="faq")
 
-    from .cli_pipeline import build_pipeline
-
     pipeline = build_pipeline(args)
     context = getattr(pipeline.generator.model.config, "max_position_embeddings", None)
     return create_app(pipeline, args.model, retriever=pipeline.retriever, defaults=defaults, context_length=context)
@@ -56,10 +53,8 @@ def cmd_serve(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``serve`` to an argparse subparsers object."""
-    from .cli_pipeline import _add_common
-
     serve = subparsers.add_parser("serve", help="an OpenAI-compatible server with a web chat, over a store or an FAQ")
-    _add_common(serve)
+    add_pipeline_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--faq-db", metavar="PATH", help="answer from this FAQ cache (`ragdec faq import`) instead of a store")

@@ -3,13 +3,19 @@
 - ``share_prefix``: a cache holding the prefix at batch size 1 serves B rows, the prefix
   kept once per layer (``SharedPrefixLayer``) or repeated per row;
 - ``packed_gqa``: sdpa over grouped-query heads without copying the keys and values per
-  query head, for batched forwards over several tokens with a padding mask.
+  query head, for batched forwards over several tokens with a padding mask;
+- ``RowsKV``: the seam the loop talks to (join a row, forward the rows, keep each row's
+  accepted part, drop rows), and ``TransformersRows``, its implementation on these.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 SHARE_MODES = ("view", "copy")  # the prefix KV: one copy shared by all rows, or one per row
 
@@ -127,3 +133,237 @@ def share_prefix(cache, batch_size: int, share: str = "view"):
     layer_class = _shared_prefix_layer_class()
     cache.layers = [layer_class(layer.keys, layer.values, batch_size) for layer in cache.layers]
     return cache
+
+
+COMPACT_AFTER = 16  # drop columns no row uses once this many have piled up
+
+
+class RowsKV(Protocol):
+    """The seam between the loop and a model's KV state for a batch of rows.
+
+    The loop never touches a cache: it asks for a forward over each row's new tokens and
+    says how many of them each row keeps. A second engine (llama.cpp through its batch
+    API) can fill the same five methods.
+    """
+
+    def __len__(self) -> int:
+        """Rows in the batch."""
+        ...
+
+    def join(self, row_cache, length: int) -> None:
+        """A row whose prompt was prefilled on its own (``prefill_row``) joins the batch last."""
+        ...
+
+    def forward(self, inputs: Sequence[Sequence[int]], positions: Sequence[int]) -> "torch.Tensor":
+        """One forward over each row's ``inputs[r]`` (its last token and draft), the first at
+        position ``positions[r]``; logits [B, W, vocab], W the longest input (a row's own
+        are its first ``len(inputs[r])``)."""
+        ...
+
+    def keep(self, kept: Sequence[int]) -> None:
+        """After ``forward``: row r keeps the KV of its first ``kept[r]`` inputs."""
+        ...
+
+    def drop(self, rows: Sequence[int]) -> None:
+        """Rows (indices into the batch) that leave it."""
+        ...
+
+
+def prefill_row(model, tokens: Sequence[int], cache):
+    """Run ``tokens`` of one prompt through the model on ``cache`` (batch 1); the logits of the
+    last position, [1, vocab]. Called once for a whole prompt, or chunk by chunk.
+
+    Only the last position's logits are computed (``logits_to_keep=1``): for a prompt of
+    1,000 tokens the full [1000, vocab] matrix would cost more than the answer's first steps.
+    """
+    import torch
+
+    input_ids = torch.tensor([list(tokens)], dtype=torch.long)  # [1, P]
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1:]  # [1, vocab]
+
+
+class TransformersRows:
+    """``RowsKV`` for a transformers causal LM: one cache of B rows and S columns, a mask of
+    which columns hold a real token for each row, and positions counted per row.
+
+    Rows of different lengths share the columns right-aligned; a row that accepts fewer
+    draft tokens than another masks the columns it did not keep. Columns no row uses are
+    dropped once ``COMPACT_AFTER`` have piled up, and at once when one row is left, so that
+    a batch of one is exactly a lone decode: no mask, no explicit positions, the same
+    forward as ``model.generate``.
+
+    Layout for rows A (5 tokens) and B (2 tokens), then B joined by C (3 tokens):
+
+        columns   c0 c1 c2 c3 c4       A valid 1 1 1 1 1
+                                       B valid 0 0 0 1 1      C valid 0 0 1 1 1
+
+    With a shared prefix (PiD: ``start_shared``) the prefix's P columns come first and are
+    valid for every row; ``share="view"`` keeps them once per layer for the whole batch.
+    """
+
+    def __init__(self, model, cache=None, valid=None, prefix_len: int = 0):
+        import torch
+
+        self.model = model
+        self.cache = cache  # transformers Cache, batch B; None while empty
+        self.valid = valid if valid is not None else torch.zeros(0, 0, dtype=torch.bool)  # [B, S] row columns
+        self.prefix_len = prefix_len  # shared prefix columns before the rows' own (valid for all)
+        self.row_offset = 0  # where the rows' columns start in a layer (``copy`` sharing)
+        self._width = 0  # columns of the last forward
+
+    def __len__(self) -> int:
+        return self.valid.shape[0]
+
+    # ---- rows joining ------------------------------------------------------------------
+
+    def start_shared(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]], share: str = "view"):
+        """Start a batch of rows that share ``prefix_ids`` (PiD): the prefix is prefilled
+        once at batch 1, then the suffixes as one left-padded batch on top of it. Returns
+        the logits of each row's last prompt token, [B, vocab].
+
+        Example: prefix_len 5, suffixes [7, 8, 9] and [4]: input [[7, 8, 9], [pad, pad, 4]],
+        positions [[5, 6, 7], [5, 5, 5]], valid [[1, 1, 1], [0, 0, 1]].
+        """
+        import torch
+
+        from .kv import new_cache
+
+        if len(self):
+            raise ValueError("a shared prefix starts an empty batch")
+        cache = new_cache(self.model)
+        prefix_len = len(prefix_ids)
+        if prefix_len:
+            prefill_row(self.model, prefix_ids, cache)
+        self.cache = share_prefix(cache, len(suffixes), share)
+        self.prefix_len = prefix_len
+        self.row_offset = prefix_len if share == "copy" else 0
+        width = max(len(s) for s in suffixes)
+        pad = suffixes[0][-1]  # any id: padded columns are masked
+        input_ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in suffixes])  # [B, S]
+        valid = torch.tensor([[False] * (width - len(s)) + [True] * len(s) for s in suffixes])  # [B, S]
+        # a row's own tokens count from the prefix; its pads repeat the first position
+        position_ids = (valid.long().cumsum(-1) - 1).clamp(min=0) + prefix_len  # [B, S]
+        mask = torch.cat([torch.ones(len(suffixes), prefix_len, dtype=torch.bool), valid], dim=-1)
+        with packed_gqa(self.model):
+            out = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+            )
+        self.valid = valid
+        return out.logits[:, -1]  # [B, vocab]
+
+    def join(self, row_cache, length: int) -> None:
+        """Append a row prefilled alone (a batch-1 cache of ``length`` positions).
+
+        The shorter side is left-padded with masked columns: the batch when the row is
+        longer than its columns, else the row.
+        """
+        import torch
+
+        if self.prefix_len:
+            raise ValueError("rows sharing a prefix take no other rows (start a new batch)")
+        if self.cache is None or len(self) == 0:
+            self.cache = row_cache
+            self.valid = torch.ones(1, length, dtype=torch.bool)
+            return
+        columns = self.valid.shape[1]
+        if length > columns:
+            self._pad_left(length - columns)
+            columns = length
+        for layer, row_layer in zip(self.cache.layers, row_cache.layers):
+            keys, values = row_layer.keys, row_layer.values  # [1, H, length, D]
+            if length < columns:
+                keys = torch.nn.functional.pad(keys, (0, 0, columns - length, 0))
+                values = torch.nn.functional.pad(values, (0, 0, columns - length, 0))
+            layer.keys = torch.cat([layer.keys, keys], dim=0)
+            layer.values = torch.cat([layer.values, values], dim=0)
+        row_valid = torch.cat([torch.zeros(columns - length, dtype=torch.bool), torch.ones(length, dtype=torch.bool)])
+        self.valid = torch.cat([self.valid, row_valid.unsqueeze(0)], dim=0)
+
+    def _pad_left(self, columns: int) -> None:
+        import torch
+
+        for layer in self.cache.layers:
+            layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, columns, 0))
+            layer.values = torch.nn.functional.pad(layer.values, (0, 0, columns, 0))
+        self.valid = torch.cat([torch.zeros(len(self), columns, dtype=torch.bool), self.valid], dim=-1)
+
+    # ---- a step ------------------------------------------------------------------------
+
+    def forward(self, inputs: Sequence[Sequence[int]], positions: Sequence[int]):
+        """One forward over every row's ``inputs`` (right-padded to the longest); logits
+        [B, W, vocab]. The padded slots come after every real one: no real token attends
+        to them, and ``keep`` drops or masks them."""
+        import torch
+
+        width = max(len(i) for i in inputs)
+        self._width = width
+        if len(inputs) == 1 and self.prefix_len == 0 and bool(self.valid.all()):
+            # a lone row on an unmasked cache: the plain forward of a lone decode
+            input_ids = torch.tensor([list(inputs[0])], dtype=torch.long)  # [1, W]
+            return self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=width).logits
+        input_ids = torch.tensor([list(i) + [i[-1]] * (width - len(i)) for i in inputs], dtype=torch.long)  # [B, W]
+        position_ids = torch.tensor(list(positions)).unsqueeze(-1) + torch.arange(width)  # [B, W]
+        rows = len(inputs)
+        mask = torch.cat(
+            [torch.ones(rows, self.prefix_len, dtype=torch.bool), self.valid, torch.ones(rows, width, dtype=torch.bool)], -1
+        )
+        with packed_gqa(self.model):
+            out = self.model(
+                input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                past_key_values=self.cache, use_cache=True, logits_to_keep=width,
+            )
+        return out.logits  # [B, W, vocab]
+
+    def keep(self, kept: Sequence[int]) -> None:
+        """Keep each row's first ``kept[r]`` columns of the last forward.
+
+        Example: inputs of 4 and 2 tokens (4 new columns); row 0 keeps 2, row 1 keeps 2:
+        the last two columns go from the cache (no row keeps them), the new valid columns
+        are [[1, 1], [1, 1]].
+        """
+        import torch
+
+        longest = max(kept)
+        excess = self._width - longest
+        if excess > 0:
+            self.cache.crop(-excess)
+        new = torch.arange(longest).unsqueeze(0) < torch.tensor(list(kept)).unsqueeze(-1)  # [B, longest]
+        self.valid = torch.cat([self.valid, new], dim=-1)
+        self._compact()
+
+    def drop(self, rows: Sequence[int]) -> None:
+        import torch
+
+        if not rows:
+            return
+        leaving = set(rows)
+        keep = [r for r in range(len(self)) if r not in leaving]
+        if not keep:
+            self.cache, self.prefix_len, self.row_offset = None, 0, 0
+            self.valid = torch.zeros(0, 0, dtype=torch.bool)
+            return
+        index = torch.tensor(keep)
+        self.cache.batch_select_indices(index)
+        self.valid = self.valid.index_select(0, index)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the columns no row uses (left padding of rows that left, rejected drafts)
+        once ``COMPACT_AFTER`` of them have piled up, or any when one row is left."""
+        import torch
+
+        used = self.valid.any(dim=0)
+        unused = int((~used).sum())
+        if unused == 0 or (unused < COMPACT_AFTER and len(self) > 1):
+            return
+        if len(self) == 1:
+            used = self.valid[0]
+        columns = torch.nonzero(used).squeeze(-1)
+        offset = self.row_offset
+        index = torch.cat([torch.arange(offset), columns + offset]) if offset else columns
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        self.valid = self.valid.index_select(1, columns)

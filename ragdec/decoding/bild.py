@@ -29,33 +29,37 @@ from typing import Sequence
 
 from .greedy import ExactMatch
 from .kv import crop_to, new_cache
-from .methods import method_config, method_options, register_method
+from .methods import knob, method_config, method_options, register_method
 
 # big model (zoo name) -> its little model: the same family, so the same tokenizer
 LITTLE_MODELS = {"qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-0.5b-instruct"}
 
+# bild-lossless: fallback 0.6, the paper's (the sweep: 0.5 and 0.7 gave 1.09x and 1.10x; 0.3
+# drafts long runs that a float32 verify pays for and rejects: 0.85x)
+LOSSLESS_DEFAULTS = {"fallback_threshold": 0.6}
 
-@method_options
+
+@method_options("bild", LOSSLESS_DEFAULTS)
 @dataclass(frozen=True)
 class BiLDConfig:
     # Below it the little model's token is not trusted and the big model decodes. From the
     # sweep on XSum (bench/results/bild_sweep_xsum.json, 1.5B/0.5B, float32, 2 cores): 0.3
     # for bild (with rollback 3: 1.62x hf-greedy at ROUGE-L 0.181 against the gold
     # summaries, greedy's 0.164); bild-lossless uses LOSSLESS_DEFAULTS.
-    fallback_threshold: float = 0.3
+    fallback_threshold: float = knob(0.3, "the little model drafts while its top probability is at least this")
     # A little token stands while p_big(token) >= exp(-rollback_threshold). The paper's code
     # uses about 2 to 5; the sweep: 1 gives back greedy's output at no gain, 2 to 3 keep
     # ROUGE-L, 5 drifts (agreement with greedy falls to 0.63).
-    rollback_threshold: float = 3.0
-    # most little-model steps before the big model verifies: 20 as transformers' assisted
-    # decoding; on summaries the little model stays sure for long runs (probe: 6.9 tokens
-    # per big forward at 20 against 5.9 at 10)
-    max_draft: int = 20
-    draft_model: object = None  # zoo name, folder or hub id, or a loaded Generator; None: LITTLE_MODELS
-    # the little model's linear layers in int8 (dynamic quantization) when loaded by name:
-    # a step of qwen2.5-coder-0.5b takes 34 ms instead of 80 on this 2-core CPU. It only
-    # drafts: the big model decides what stands, so bild-lossless stays lossless.
-    draft_int8: bool = True
+    rollback_threshold: float = knob(3.0, "a draft token rolls back where the big model's cross-entropy of it exceeds this")
+    # 20 as transformers' assisted decoding; on summaries the little model stays sure for
+    # long runs (probe: 6.9 tokens per big forward at 20 against 5.9 at 10)
+    max_draft: int = knob(20, "most little-model steps before the big model verifies")
+    # zoo name, folder or hub id, or a loaded Generator; None: LITTLE_MODELS
+    draft_model: object = knob(None, "the little model, sharing the big model's tokenizer (default: the zoo's pair)")
+    # dynamic quantization: a step of qwen2.5-coder-0.5b takes 34 ms instead of 80 on this
+    # 2-core CPU. It only drafts: the big model decides what stands, so bild-lossless stays
+    # lossless.
+    draft_int8: bool = knob(True, "the little model's linear layers in int8 when it is loaded by name")
 
 
 class LittleModelDrafter:
@@ -238,11 +242,6 @@ def _drafter(generator, prompt_ids: Sequence[int], config: BiLDConfig) -> Little
     drafter = LittleModelDrafter(little.model, vocab_size, config, generator.eos_token_ids)
     drafter.prefill(prompt_ids)
     return drafter
-
-
-# bild-lossless: fallback 0.6, the paper's (the sweep: 0.5 and 0.7 gave 1.09x and 1.10x; 0.3
-# drafts long runs that a float32 verify pays for and rejects: 0.85x)
-LOSSLESS_DEFAULTS = {"fallback_threshold": 0.6}
 
 
 def bild_config(options, method: str = "bild") -> BiLDConfig:

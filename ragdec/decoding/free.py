@@ -60,23 +60,7 @@ from typing import Sequence
 
 from .free_threshold import ExitThreshold
 from .greedy import ExactMatch
-from .methods import method_config, method_options, register_method
-
-
-@method_options
-@dataclass(frozen=True)
-class FreeConfig:
-    exit_layer: int | None = None  # layers in the shallow model; None: default_exit_layer (0.7 of the depth)
-    exit_threshold: float = 0.9  # shallow confidence needed to exit; the start value when adaptive
-    adaptive: bool = True  # move exit_threshold with the Beta mixture fitted to the deep passes' pairs
-    # adaptive: exit where P(shallow agrees with deep | confidence) reaches this. 0.9 for
-    # free, where an exited token stands unchecked, so it must be right; free-lossless uses
-    # LOSSLESS_DEFAULTS.
-    agree_posterior: float = 0.9
-    max_stack: int = 16  # most tokens stacked before a deep pass is forced
-    exit_vocab: int = 16384  # the exit head scores these first token ids and the prompt's; 0: all
-    adapter: str | None = None  # adapter file; None: $RAGDEC_HOME/free/<model>/layer<L>.safetensors if saved
-
+from .methods import knob, method_config, method_options, register_method
 
 # free-lossless: the deep pass checks every draft. A wrong one costs its shallow step (47
 # ms on qwen2.5-coder-0.5b at layer 17) and ends the draft; a right one saves the deep
@@ -84,6 +68,23 @@ class FreeConfig:
 # prompts in one run (bench/results/free_posterior_sweep_xsum.json, where plain
 # free-lossless is 0.5): 1.049x greedy at 0.5, 1.068x at 0.65, 1.091x at 0.8.
 LOSSLESS_DEFAULTS = {"agree_posterior": 0.8}
+
+
+@method_options("free", LOSSLESS_DEFAULTS)
+@dataclass(frozen=True)
+class FreeConfig:
+    # None: default_exit_layer
+    exit_layer: int | None = knob(None, "layers in the shallow model (default auto: 0.7 of the depth, 17 of 24)")
+    exit_threshold: float = knob(0.9, "shallow confidence needed to exit; the adaptive threshold's start")
+    adaptive: bool = knob(True, "move the exit threshold with a Beta mixture fitted to the deep passes' agreement")
+    # 0.9 for free, where an exited token stands unchecked, so it must be right;
+    # free-lossless uses LOSSLESS_DEFAULTS.
+    agree_posterior: float = knob(0.9, "adaptive: exit where P(shallow agrees with deep | confidence) reaches this")
+    max_stack: int = knob(16, "most tokens stacked before a deep pass is forced")
+    exit_vocab: int = knob(16384, "the exit head scores these first token ids and the prompt's; 0: all")
+    adapter: str | None = knob(None, "exit adapter file (default: $RAGDEC_HOME/free/<model>/layer<L>.safetensors if saved)")
+
+
 HEAD_ROWS = 3  # positions per LM-head matmul in the deep pass (see ShallowDeep.__call__)
 
 

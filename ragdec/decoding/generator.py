@@ -156,8 +156,8 @@ class Generator:
         prefixes = self.prefixes if prefix_len > 0 else None
         # a drafter that runs part of the target itself (FREE's shallow layers) brings the
         # target that shares its cache: the verify then skips what the drafter computed
-        model = getattr(drafter, "target", self.model)
-        blocks = decode(model, prompt_ids, drafter, acceptance, stop, self.decode_text, prefixes, prefix_len)
+        target = getattr(drafter, "target", None)
+        blocks = decode(self.model, prompt_ids, drafter, acceptance, stop, self.decode_text, prefixes, prefix_len, target)
         for block in blocks:
             final = block.finish_reason is not None
             yield TextChunk(text.push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats)

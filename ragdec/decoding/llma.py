@@ -15,19 +15,20 @@ from typing import Sequence
 
 from .cost import ForwardCost, forward_cost
 from .greedy import ExactMatch
-from .methods import method_config, method_options, register_method
+from .methods import knob, method_config, method_options, register_method
 from .reference_index import ReferenceIndex
 
 
-@method_options
+@method_options("llma")
 @dataclass(frozen=True)
 class LLMAConfig:
-    trigger_n: int = 1  # shortest match that triggers a copy; the cost model drafts little on weak matches
-    max_n: int = 6  # longest match looked for; longer matches predict the copy better
-    copy_k: int | None = None  # fixed draft length; None: chosen per step by the cost model
-    max_copy: int = 16  # longest draft the cost model may choose
-    variants: bool = True  # index each reference in its in-context tokenizations too
-    memory: bool = True  # learn acceptance across requests and copy from recent answers
+    # 1: even a one-token match may copy, since the cost model drafts little on weak matches
+    trigger_n: int = knob(1, "shortest match that triggers a copy")
+    max_n: int = knob(6, "longest match looked for")  # longer matches predict the copy better
+    copy_k: int | None = knob(None, "draft length, or auto to choose it per step from the cost model (default auto)")
+    max_copy: int = knob(16, "longest draft the cost model may choose")
+    variants: bool = knob(True, "index each reference in its in-context tokenizations too")
+    memory: bool = knob(True, "learn acceptance across requests and copy from recent answers")
 
 
 def reference_variants(text: str) -> list[str]:

@@ -48,14 +48,44 @@ def registered_methods() -> dict[str, MethodFactory]:
     return dict(METHODS)
 
 
-# every method's knobs (dataclasses registered with ``method_options``)
-OPTION_CLASSES: list[type] = []
+@dataclass(frozen=True)
+class MethodOptions:
+    method: str  # the family the knobs belong to, as the command line's help names it ("bild")
+    config_class: type  # a dataclass; each field is a knob (``knob`` gives it its help)
+    lossless_defaults: Mapping[str, object]  # the family's lossless mode's own values ("bild-lossless")
 
 
-def method_options(config_class: type) -> type:
-    """Register a method's dataclass of knobs, so that other methods let its knobs pass."""
-    OPTION_CLASSES.append(config_class)
-    return config_class
+# every method family's knobs, by family (``method_options``)
+METHOD_OPTIONS: dict[str, MethodOptions] = {}
+
+
+def method_options(method: str, lossless_defaults: Mapping[str, object] | None = None):
+    """Register ``method``'s dataclass of knobs: other methods let its knobs pass, and the
+    command line offers each field as a flag (``trigger_n`` -> ``--trigger-n``), with the
+    field's help and default; ``lossless_defaults`` are what ``<method>-lossless`` uses
+    instead, which the help states too."""
+
+    def register(config_class: type) -> type:
+        METHOD_OPTIONS[method] = MethodOptions(method, config_class, dict(lossless_defaults or {}))
+        return config_class
+
+    return register
+
+
+def registered_options() -> dict[str, MethodOptions]:
+    """Every registered family's knobs, the built-in method modules imported first."""
+    registered_methods()
+    return dict(METHOD_OPTIONS)
+
+
+def knob(default, help: str, flag: bool = True):
+    """A field of a method's option dataclass: its ``default`` and the ``help`` of its flag;
+    ``flag=False`` keeps an internal knob off the command line.
+
+    Example: ``trigger_n: int = knob(1, "shortest match that triggers a copy")`` gives
+    ``--trigger-n N   llma: shortest match that triggers a copy (default 1)``.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
 def method_config(config_class, options: Mapping[str, object], method: str, defaults: Mapping[str, object] | None = None):
@@ -75,7 +105,7 @@ def method_config(config_class, options: Mapping[str, object], method: str, defa
     fields = config_class.__dataclass_fields__
     for module in BUILTIN_METHOD_MODULES:
         importlib.import_module(module)
-    others = {name for cls in OPTION_CLASSES for name in cls.__dataclass_fields__}
+    others = {name for options in METHOD_OPTIONS.values() for name in options.config_class.__dataclass_fields__}
     unknown = set(options) - set(fields) - others
     if unknown:
         raise ValueError(f"unknown {method} option(s) {sorted(unknown)}; options: {', '.join(fields)}")

