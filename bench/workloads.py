@@ -1,7 +1,8 @@
 """Benchmark workloads: prompts (as chat messages) and the references a method may copy from.
 
 Data is read from ``--data``, ``$RAGDEC_DATA`` or ``../shared/data`` beside the project;
-it is never copied into the repository.
+it is never copied into the repository, which holds only the small samples the tests read
+(``tests/data``, laid out alike).
 """
 
 from __future__ import annotations
@@ -23,13 +24,23 @@ class BenchPrompt:
 
 
 def data_dir(explicit: str | None = None) -> Path:
-    candidates = [explicit, os.environ.get("RAGDEC_DATA"), Path(__file__).resolve().parent.parent.parent / "shared" / "data"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    raise FileNotFoundError(
-        "benchmark data not found: pass --data DIR or set RAGDEC_DATA to the folder holding rag/, summarize/, ..."
-    )
+    """The evaluation data folder: ``explicit`` (``--data``), else ``$RAGDEC_DATA``, else
+    ``../shared/data`` beside the project. A folder named but absent is an error, not a
+    reason to read another one.
+
+    Raises:
+        FileNotFoundError: saying what to pass.
+    """
+    hint = "pass --data DIR or set RAGDEC_DATA to the folder holding rag/, summarize/, qa/, ..."
+    for source, named in (("--data", explicit), ("RAGDEC_DATA", os.environ.get("RAGDEC_DATA"))):
+        if named:
+            if not Path(named).is_dir():
+                raise FileNotFoundError(f"benchmark data folder {named} (from {source}) not found: {hint}")
+            return Path(named)
+    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    raise FileNotFoundError(f"benchmark data not found: {hint}")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
 from ragdec.app.cli_cache import register
-from ragdec.bench.workloads import data_dir
 from ragdec.cache.faq import FaqService, faq_messages, import_faq, read_faq
 from ragdec.cache.lookup import QACache
 from ragdec.cache.store import EmbedderIdentity, QAStore
+from ragdec.files import read_jsonl
 
+DATA = Path(__file__).parent / "data"  # small samples of the benchmark data
 SMOLLM = "smollm2-135m-instruct"
 FAQ = [
     {
@@ -144,10 +146,13 @@ def test_commands_end_to_end(tmp_path, faq_file, capsys):
     answer = json.loads(answer_json.read_text())
     assert answer["generated"] and answer["lookup"]["outcome"] == "near" and answer["stats"]["new_tokens"] <= 12
 
-    # calibration on a slice of the Quora pairs, with the FAQ file's paraphrases
+    # calibration on labelled pairs made from the paraphrase sample (each pair a duplicate,
+    # each sentence with the next pair's paraphrase a non-duplicate), with the FAQ file's paraphrases
+    paraphrases = read_jsonl(DATA / "cache" / "hf_paraphrases.jsonl")[:41]
+    labelled = [{"a": pair["a"], "b": pair["b"], "duplicate": 1} for pair in paraphrases[:40]]
+    labelled += [{"a": pair["a"], "b": following["b"], "duplicate": 0} for pair, following in zip(paraphrases, paraphrases[1:])]
     pairs = tmp_path / "pairs.jsonl"
-    lines = (data_dir() / "cache" / "qqp_pairs.jsonl").read_text(encoding="utf-8").splitlines()
-    pairs.write_text("\n".join(lines[:40] + lines[2000:2040]) + "\n", encoding="utf-8")
+    pairs.write_text("".join(json.dumps(record) + "\n" for record in labelled), encoding="utf-8")
     plot, report = tmp_path / "calibration.png", tmp_path / "calibration.json"
     assert run("cache", "calibrate", "--pairs", pairs, "--faq", faq_file, "--db", db, "--target-false-hit-rate", "0.1",
                "--plot", plot, "--json", report) == 0

@@ -1,20 +1,22 @@
 """Lookup with the real fallback embedder (all-minilm-l6-v2 from the zoo), real SQLite and
 FAISS: exact, semantic, near and miss; invalidation; near hits as lossless LLMA references;
-calibration on a slice of the Quora pairs."""
+calibration on question pairs made from the StackFAQ sample."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ragdec.bench.workloads import data_dir
 from ragdec.cache import calibration
+from ragdec.cache.faq import read_faq
 from ragdec.cache.lookup import DEFAULT_POLICIES, Candidate, Policy, QACache, assess, decide
 from ragdec.cache.store import HUMAN, EmbedderIdentity, Entry, NewEntry, QAStore
 from ragdec.decoding.methods import GenerationParams
 
+DATA = Path(__file__).parent / "data"  # small samples of the benchmark data
 MODEL = "qwen2.5-coder-0.5b-instruct"
 # a policy fixed here, so that the tests do not move when the shipped calibration does
 POLICY = Policy(semantic_threshold=0.80, near_threshold=0.55, guard="paraphrase")
@@ -110,23 +112,43 @@ def test_near_hit_references_make_llma_copy_and_stay_lossless(cache, smollm2):
     assert llma.stats.forward_passes <= greedy.stats.forward_passes
 
 
-def test_calibration_on_quora_pairs_and_the_plot(tmp_path, embedder):
-    pairs = calibration.read_pairs(data_dir() / "cache" / "qqp_pairs.jsonl")
-    sample = pairs[:60] + pairs[2000:2060]  # 60 duplicates, 60 hard non-duplicates
+def stackfaq_pairs(embedder) -> list[calibration.Pair]:
+    """The first 5 paraphrases of each thread of the StackFAQ sample, each with its own
+    thread's question (a duplicate) and with the question of the other thread it is closest
+    to (a hard non-duplicate, as "How do I strikethrough text in Gmail?" is to
+    "Strikethrough with GitHub Markdown")."""
+    threads = read_faq(DATA / "faq" / "stackfaq.jsonl")
+    questions = [thread.question for thread in threads]
+    asked = [(paraphrase, own) for own, thread in enumerate(threads) for paraphrase in thread.paraphrases[:5]]
+    similarity = embedder.embed_questions([paraphrase for paraphrase, _ in asked]) @ embedder.embed_questions(questions).T
+    similarity[np.arange(len(asked)), [own for _, own in asked]] = -np.inf
+    closest_other = similarity.argmax(axis=1)
+    duplicates = [calibration.Pair(questions[own], paraphrase, True) for paraphrase, own in asked]
+    return duplicates + [calibration.Pair(questions[other], paraphrase, False) for (paraphrase, _), other in zip(asked, closest_other)]
+
+
+def test_calibration_on_stackfaq_pairs_and_the_plot(tmp_path, embedder):
+    sample = stackfaq_pairs(embedder)
     a, b = calibration.pair_vectors(embedder, sample)
     scores = (a * b).sum(axis=1)
     duplicate = np.array([p.duplicate for p in sample])
+    n_non = int((~duplicate).sum())
     guard = calibration.guard_passes(sample)
     result = calibration.calibrate_pairs(scores, duplicate, guard, target_false_hit_rate=0.10)
     threshold = result.policy.semantic_threshold
     served = guard & (scores >= threshold)
-    assert result.false_hit_rate == (served & ~duplicate).sum() / 60
+    assert result.false_hit_rate == (served & ~duplicate).sum() / n_non
     assert result.false_hit_upper <= 0.10
     assert result.policy.near_threshold <= threshold
-    # the lowest safe threshold: one more guarded non-duplicate below it breaks the bound
-    below = np.sort(scores[guard & ~duplicate & (scores < threshold)])
-    if len(below) and threshold > result.policy.near_threshold:
-        assert calibration.wilson_upper(int((served & ~duplicate).sum()) + 1, 60) > 0.10
+    # without the guard the hard non-duplicates set the threshold, above the near band, and
+    # it is the lowest safe one (to the 4 decimals it is kept to): one more non-duplicate
+    # below it breaks the bound
+    unguarded = calibration.calibrate_pairs(scores, duplicate, np.ones_like(guard), target_false_hit_rate=0.10)
+    threshold_unguarded = unguarded.policy.semantic_threshold
+    assert threshold_unguarded > unguarded.policy.near_threshold and unguarded.false_hit_rate > 0
+    assert unguarded.false_hit_upper <= 0.10
+    within_rounding = int((~duplicate & (scores >= threshold_unguarded - 1e-4)).sum())
+    assert within_rounding < n_non and calibration.wilson_upper(within_rounding + 1, n_non) > 0.10
     # the decision a lookup makes agrees with the arrays calibration sweeps
     for pair, score, passes in zip(sample, scores, guard):
         stored = Entry(1, pair.a, "answer", MODEL, "", "", 0.0, 0.0, 0, None, "h")

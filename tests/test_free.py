@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from ragdec.decoding.kv import new_cache
 from ragdec.decoding.methods import GenerationParams
 
 from helpers import random_prompts
+
+DATA = Path(__file__).parent / "data"  # small samples of the benchmark data
 
 
 def greedy(generator: Generator, prompt, max_new_tokens=24, stop=()):
@@ -293,18 +296,22 @@ def test_methods_are_registered():
 
 
 def test_free_calibrate_command_on_own_answers(smollm2, tmp_path, capsys, monkeypatch):
-    """`ragdec free calibrate` end to end on smollm2: answers to the shared data's prompts
-    (past those the benchmarks use), two exit layers from one teacher run, a JSON report
-    per layer; a malformed layer list is refused with what to write."""
+    """`ragdec free calibrate` end to end on smollm2: answers to the SQuAD prompts of the
+    repository's sample (past those the benchmarks use), two exit layers from one teacher
+    run, a JSON report per layer; a workload without data and a malformed layer list are
+    refused with what to pass."""
     from ragdec.app.cli import main
-    from ragdec.app.cli_free import CALIBRATION_SKIP, CALIBRATION_WORKLOADS, calibration_prompts
+    from ragdec.app.cli_free import CALIBRATION_SKIP, calibration_prompts
     from ragdec.bench.workloads import load_workload
 
-    prompts = calibration_prompts(smollm2, per_workload=1, max_tokens=400)
-    assert 1 <= len(prompts) <= len(CALIBRATION_WORKLOADS) and all(len(p) <= 400 for p in prompts)
+    data = str(DATA)  # the sample holds SQuAD and CoQA only
+    prompts = calibration_prompts(smollm2, per_workload=2, max_tokens=400, data=data, workloads=("squad",))
+    assert len(prompts) == 2 and all(len(p) <= 400 for p in prompts)
     assert CALIBRATION_SKIP >= 12  # the committed benchmarks use the first 12 prompts at most
-    benchmarked = [smollm2.prompt_ids(list(p.messages)) for w in CALIBRATION_WORKLOADS for p in load_workload(w, limit=12)]
+    benchmarked = [smollm2.prompt_ids(list(p.messages)) for p in load_workload("squad", data, limit=12)]
     assert not any(p in benchmarked for p in prompts)
+    with pytest.raises(FileNotFoundError, match="'xsum'.*pass --data DIR.*--workloads"):
+        calibration_prompts(smollm2, per_workload=1, max_tokens=400, data=data, workloads=("squad", "xsum"))
 
     out = tmp_path / "report.json"
     from ragdec.models.home import ragdec_home
@@ -313,7 +320,8 @@ def test_free_calibrate_command_on_own_answers(smollm2, tmp_path, capsys, monkey
     home.mkdir()
     (home / "models").symlink_to(ragdec_home() / "models")
     monkeypatch.setenv("RAGDEC_HOME", str(home))
-    code = main(["free", "calibrate", "--model", "smollm2-135m-instruct", "--exit-layer", "10,20", "--prompts", "2",
+    code = main(["free", "calibrate", "--model", "smollm2-135m-instruct", "--exit-layer", "10,20", "--prompts", "4",
+                 "--data", data, "--workloads", "squad",
                  "--answer-tokens", "6", "--max-prompt-tokens", "400", "--steps", "3", "--rank", "4", "--quiet",
                  "--json", str(out)])
     assert code == 0

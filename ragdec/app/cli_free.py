@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Sequence
 
 from .cli_common import DEFAULT_MODEL, write_json
 
@@ -30,18 +31,38 @@ def default_data() -> Path:
     ``summarize/llma_cnndm.jsonl``, for ``--text``."""
     from ragdec.bench.workloads import data_dir
 
-    return data_dir() / "summarize" / "llma_cnndm.jsonl"
+    try:
+        return data_dir() / "summarize" / "llma_cnndm.jsonl"
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            "the CNN/DailyMail articles for --text are not found: pass --text FILE, or set RAGDEC_DATA to the "
+            "evaluation data folder (the one holding summarize/llma_cnndm.jsonl)"
+        ) from None
 
 
-def calibration_prompts(generator, per_workload: int, max_tokens: int, data: str | None = None) -> list[list[int]]:
-    """Chat-templated prompt ids: up to ``per_workload`` of each of CALIBRATION_WORKLOADS,
-    past its first CALIBRATION_SKIP, of at most ``max_tokens`` tokens."""
-    from ragdec.bench.workloads import load_workload
+def calibration_prompts(
+    generator, per_workload: int, max_tokens: int, data: str | None = None, workloads: Sequence[str] = CALIBRATION_WORKLOADS
+) -> list[list[int]]:
+    """Chat-templated prompt ids: up to ``per_workload`` of each of ``workloads``, past its
+    first CALIBRATION_SKIP, of at most ``max_tokens`` tokens.
 
+    Raises:
+        FileNotFoundError: no data folder, or one without a workload's file; the message
+            says what to pass (--data, $RAGDEC_DATA, or --workloads without it).
+    """
+    from ragdec.bench.workloads import data_dir, load_workload
+
+    folder = str(data_dir(data))  # no folder at all: its error says what to pass
     prompts = []
-    for workload in CALIBRATION_WORKLOADS:
+    for workload in workloads:
+        try:
+            workload_prompts = load_workload(workload, folder)
+        except FileNotFoundError as error:  # a folder without this workload's file (a sample)
+            raise FileNotFoundError(
+                f"calibration workload {workload!r}: {error} (or set RAGDEC_DATA to it); or leave {workload!r} out of --workloads"
+            ) from error
         taken = 0
-        for prompt in load_workload(workload, data)[CALIBRATION_SKIP:]:
+        for prompt in workload_prompts[CALIBRATION_SKIP:]:
             ids = generator.prompt_ids(list(prompt.messages))
             if len(ids) <= max_tokens:
                 prompts.append(ids)
@@ -68,7 +89,7 @@ def cmd_free_calibrate(args) -> int:
             raise FileNotFoundError(f"calibration text {data} not found: pass --text FILE (.jsonl with a 'document' or 'text' field)")
         reports = calibrate(generator, config, data=data, out=args.out, progress=not args.quiet)
     else:
-        prompts = calibration_prompts(generator, args.prompts, args.max_prompt_tokens, args.data)
+        prompts = calibration_prompts(generator, args.prompts, args.max_prompt_tokens, args.data, args.workloads)
         reports = calibrate(generator, config, prompts=prompts, out=args.out, progress=not args.quiet)
     for report in reports:
         source = "answer" if report.source == "answers" else "text"
@@ -93,6 +114,16 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"exit layers are integers separated by commas (17 or 17,18,20), got {text!r}") from None
 
 
+def _workloads(text: str) -> tuple[str, ...]:
+    from ragdec.bench.workloads import WORKLOADS
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"workloads are names separated by commas among {', '.join(sorted(WORKLOADS))}; got {text!r}")
+    return names
+
+
 def register(subparsers) -> None:
     """Add ``free`` (``calibrate``) to an argparse subparsers object."""
     from ragdec.decoding.free_calibrate import CalibrationConfig
@@ -114,6 +145,10 @@ def register(subparsers) -> None:
     calibrate.add_argument("--answer-tokens", type=int, default=CalibrationConfig.answer_tokens, help="greedy tokens per answer")
     calibrate.add_argument("--max-prompt-tokens", type=int, default=700, help="skip longer prompts (answers mode)")
     calibrate.add_argument("--data", help="the benchmark data folder (default: $RAGDEC_DATA or ../shared/data)")
+    calibrate.add_argument(
+        "--workloads", type=_workloads, default=",".join(CALIBRATION_WORKLOADS), metavar="NAME,...",
+        help="the benchmark workloads whose prompts are answered (answers mode)",
+    )
     calibrate.add_argument(
         "--text", nargs="?", const="", metavar="FILE",
         help="train on windows of a text corpus (.jsonl or text) instead of the model's own answers; "
