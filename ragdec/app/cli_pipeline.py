@@ -69,7 +69,10 @@ def _stream_answer(chunks) -> tuple[object, str]:
 
 
 def _questions(args) -> list[str]:
-    """The questions: positional ones, then those of --questions-file (one per line)."""
+    """The questions: positional ones, then those of --questions-file (one per line);
+    checked before a model loads."""
+    if any(not question.strip() for question in args.question):
+        raise ValueError('a question is empty: ask something, e.g. ragdec ask "Where does the Rhine begin?" --store DIR')
     questions = list(args.question)
     if args.questions_file:
         from pathlib import Path
