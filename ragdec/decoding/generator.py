@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from .kv import PrefixStore
-from .loop import decode
+from .loop import Row, decode
 from .methods import GenerationParams, method_factory
 from .seam import DecodeStats
 from .stopping import StopCondition
@@ -105,6 +106,11 @@ class Generator:
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
         self.method_state: dict[str, object] = {}  # what a method learns across requests
         self.prefixes = PrefixStore()  # KV of recurring prompt prefixes (see ``stream``)
+        # held around every forward: a batch engine's thread and a caller's own loop (PiD)
+        # may share the model, whose attention setting PiD switches for its forwards
+        self.model_lock = threading.RLock()
+        self.engine = None  # a BatchEngine once ``start_batching``: concurrent callers share its batch
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers refuse concurrent calls
 
     @classmethod
     def load(cls, name_or_path: str, dtype: str | None = None) -> "Generator":
@@ -127,15 +133,40 @@ class Generator:
         messages, through the model's chat template when it has one."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if chat and self.tokenizer.chat_template:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            with self._tokenizer_lock:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
                 ids = ids["input_ids"]
             return list(ids)
         text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
-        return self.tokenizer(text)["input_ids"]
+        with self._tokenizer_lock:
+            return self.tokenizer(text)["input_ids"]
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def count_tokens(self, text: str) -> int:
+        with self._tokenizer_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def start_batching(self, max_batch: int = 8, prefill_chunk: int | None = None):
+        """From now on, ``stream`` calls from any thread join one batch that a thread of its
+        own decodes (continuous batching; see ``engine.py``). ``prefill_chunk``: prompt
+        tokens a joining request reads per step while others decode (None: the measured
+        default, ``engine.DEFAULT_PREFILL_CHUNK``). Returns the engine."""
+        from .engine import DEFAULT_PREFILL_CHUNK, BatchEngine
+
+        self.stop_batching()
+        self.prefixes.capacity = max(self.prefixes.capacity, 2 * max_batch)  # one history per live chat, and spares
+        chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        self.engine = BatchEngine(self.model, max_batch, chunk, self.model_lock)
+        return self.engine
+
+    def stop_batching(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     def stream(
         self,
@@ -150,17 +181,28 @@ class Generator:
         system prompt, a chat's history): their KV is kept in ``self.prefixes`` and reused,
         so only the rest of the prompt is prefilled.
         """
+        text = TextStream(self.decode_text, params.stop)
+        engine = self.engine
+        if engine is not None and engine.alive:
+            blocks = engine.submit(lambda: self.row(prompt_ids, params, references, prefix_len))
+        else:
+            row = self.row(prompt_ids, params, references, prefix_len)
+            blocks = decode(self.model, row.tokens, row.drafter, row.acceptance, row.stop, self.decode_text,
+                            row.prefixes, row.prefix_len, row.model, self.model_lock)
+        for block in blocks:
+            final = block.finish_reason is not None
+            yield TextChunk(text.push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats)
+
+    def row(self, prompt_ids: Sequence[int], params: GenerationParams, references: Sequence[str] = (), prefix_len: int = 0) -> Row:
+        """The decode loop's row for one request: the method's drafter and acceptance rule,
+        the stop condition, and the kept prefixes to use."""
         drafter, acceptance = method_factory(params.method)(self, prompt_ids, references, params)
         stop = StopCondition(self.eos_token_ids, tuple(params.stop), params.max_new_tokens)
-        text = TextStream(self.decode_text, params.stop)
         prefixes = self.prefixes if prefix_len > 0 else None
         # a drafter that runs part of the target itself (FREE's shallow layers) brings the
         # target that shares its cache: the verify then skips what the drafter computed
         target = getattr(drafter, "target", None)
-        blocks = decode(self.model, prompt_ids, drafter, acceptance, stop, self.decode_text, prefixes, prefix_len, target)
-        for block in blocks:
-            final = block.finish_reason is not None
-            yield TextChunk(text.push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats)
+        return Row(0, list(prompt_ids), len(prompt_ids), drafter, acceptance, stop, self.decode_text, target, prefixes, prefix_len)
 
     def generate(
         self,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -155,10 +156,12 @@ class BatchDecoder:
             decoding (None: the whole prompt at once). Smaller chunks stall the running
             rows less; larger ones read prompts faster.
         max_rows: rows decoding at once; joining rows wait past it.
+        lock: held around each step, when other loops run forwards on the same model.
     """
 
-    def __init__(self, model, prefill_chunk: int | None = None, max_rows: int | None = None):
+    def __init__(self, model, prefill_chunk: int | None = None, max_rows: int | None = None, lock=None):
         self.model = model
+        self.lock = lock or nullcontext()  # held around each step
         self.prefill_chunk = prefill_chunk
         self.max_rows = max_rows
         self.kv = TransformersRows(model)
@@ -198,7 +201,7 @@ class BatchDecoder:
             check_context(self.model, row.prompt_len, row.stop.max_new_tokens)
             if self.width.cost is None:
                 self.width.cost = getattr(row.drafter, "cost", None)
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             logits = self.kv.start_shared(rows[0].tokens[:prefix_len], [r.tokens[prefix_len:] for r in rows], share)
         events = []
         finished = []
@@ -219,7 +222,7 @@ class BatchDecoder:
         self._leave([r for r, row in enumerate(self.rows) if row.cancelled])
         while self.joining and self.joining[0].cancelled:
             self.joining.popleft()
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             if self.joining and self._may_join(self.joining[0]):
                 self._prefill(self.joining[0], events)
             if self.rows:
@@ -338,6 +341,7 @@ def decode(
     prefixes: PrefixStore | None = None,
     prefix_len: int = 0,
     target=None,
+    lock=None,
 ) -> Iterator[Block]:
     """Decode one request from ``prompt_ids`` (a batch of one), yielding the accepted tokens
     of each step.
@@ -355,11 +359,12 @@ def decode(
             request sharing that prefix does alike.
         target: the forward target when the drafter brings its own (FREE's shallow-deep
             model, which shares the row's cache); None: ``model``.
+        lock: held around each step (a lock shared by every loop on the model).
 
     Yields:
         Blocks of new token ids; the last one carries ``finish_reason`` and ``stats``.
     """
-    decoder = BatchDecoder(model)
+    decoder = BatchDecoder(model, lock=lock)
     decoder.add(Row(0, list(prompt_ids), len(prompt_ids), drafter, acceptance, stop, detokenize, target, prefixes, prefix_len))
     while decoder.busy:
         for _, block in decoder.step():

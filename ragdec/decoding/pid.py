@@ -121,7 +121,7 @@ def pid_stream(
         rows.append(Row(i, list(prompt), len(prompt), drafter, acceptance, stop, detokenize))
         texts.append(TextStream(detokenize, params.stop))
 
-    decoder = BatchDecoder(generator.model)
+    decoder = BatchDecoder(generator.model, lock=generator.model_lock)
     # 1.-2. the shared prefix once, every row's own suffix in one batched forward; then
     # 3.-5. steps of the batch until every row has stopped
     events = decoder.start_shared(rows, prefix_len, share)

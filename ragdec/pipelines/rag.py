@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 from ragdec.decoding.methods import GenerationParams
 
+from .limits import check_limits
 from .prompts import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, RequestError, Source, build_prompt, fit_sources, retrieval_query, split_messages, user_message
 from .router import Router, default_method
 from .types import AUTO, AnswerInfo, Chunk, Request
@@ -100,6 +101,7 @@ class RagPipeline:
     def _answer(self, index: int, request: Request) -> Iterator[Chunk]:
         started = time.perf_counter()
         try:
+            check_limits(request)
             system, history, question = split_messages(request.messages)
         except RequestError as error:
             yield _error(index, str(error))
@@ -193,6 +195,7 @@ class RagPipeline:
         history: list = []
         for index, request in zip(indices, requests):
             try:
+                check_limits(request)
                 system, history, question = split_messages(request.messages)
                 limit = self._prompt_limit(request.params.max_new_tokens)
                 rows.append((index, build_prompt(
@@ -232,7 +235,7 @@ class RagPipeline:
         return self.generator.prompt_ids(messages)
 
     def _count_tokens(self, text: str) -> int:
-        return len(self.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.generator.count_tokens(text)
 
     def _prompt_limit(self, max_new_tokens: int) -> int:
         context = getattr(self.generator.model.config, "max_position_embeddings", None) or 1 << 30

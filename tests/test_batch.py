@@ -1,0 +1,208 @@
+"""The batched loop and continuous batching: every row's answer equals the same request
+decoded alone, token for token, however rows join, leave and mix methods."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from ragdec.decoding.engine import BatchEngine
+from ragdec.decoding.generator import Generation, Generator, TextChunk
+from ragdec.decoding.loop import BatchDecoder
+from ragdec.decoding.methods import GenerationParams
+
+
+def alone(generator: Generator, prompt, params: GenerationParams, references=()) -> Generation:
+    """The request decoded by itself (the batch-of-one loop, no engine)."""
+    assert generator.engine is None
+    return generator.generate(prompt, params, references)
+
+
+def random_prompt(rng: random.Random, vocab: int, length: int) -> list[int]:
+    return [rng.randrange(2, vocab) for _ in range(length)]
+
+
+def run_steps(generator, requests, join_at, prefill_chunk=None, max_rows=None):
+    """Drive a BatchDecoder by hand: request i joins before step ``join_at[i]``. Returns
+    each request's Generation."""
+    decoder = BatchDecoder(generator.model, prefill_chunk=prefill_chunk, max_rows=max_rows)
+    chunks: dict[int, list[TextChunk]] = {i: [] for i in range(len(requests))}
+    texts = {}
+    from ragdec.decoding.text import TextStream
+
+    step = 0
+    pending = sorted(range(len(requests)), key=lambda i: join_at[i])
+    while pending or decoder.busy:
+        while pending and join_at[pending[0]] <= step:
+            i = pending.pop(0)
+            prompt, params, references = requests[i]
+            row = generator.row(prompt, params, references)
+            row.key = i
+            texts[i] = TextStream(generator.decode_text, params.stop)
+            decoder.add(row)
+        for row, block in decoder.step():
+            final = block.finish_reason is not None
+            chunks[row.key].append(TextChunk(texts[row.key].push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats))
+        step += 1
+    return [Generation.from_chunks(chunks[i]) for i in range(len(requests))]
+
+
+def assert_equal(ours: Generation, expected: Generation, what: str):
+    assert ours.token_ids == expected.token_ids, what
+    assert (ours.text, ours.finish_reason) == (expected.text, expected.finish_reason), what
+
+
+@pytest.mark.parametrize("prefill_chunk", [None, 7])
+def test_rows_joining_mid_decode_equal_alone(tiny_generator, prefill_chunk):
+    rng = random.Random(11)
+    vocab = len(tiny_generator.tokenizer)
+    requests, join_at = [], []
+    for i in range(7):
+        prompt = random_prompt(rng, vocab, rng.randrange(1, 60))
+        method = "llma" if i % 2 else "greedy"
+        params = GenerationParams(max_new_tokens=rng.randrange(1, 30), method=method, options={"copy_k": 4} if method == "llma" else {})
+        references = [tiny_generator.decode_text(alone(tiny_generator, prompt, GenerationParams(max_new_tokens=30)).token_ids)] if method == "llma" else []
+        requests.append((prompt, params, references))
+        join_at.append(rng.randrange(0, 12))
+    ours = run_steps(tiny_generator, requests, join_at, prefill_chunk)
+    drafted = 0
+    for i, (prompt, params, references) in enumerate(requests):
+        assert_equal(ours[i], alone(tiny_generator, prompt, params, references), f"request {i}")
+        drafted += ours[i].stats.drafted_tokens
+    accepted = sum(g.stats.accepted_tokens for g in ours)
+    assert 0 < accepted <= drafted  # copies were made and verified in the batch
+
+
+def test_stop_strings_inside_drafts_and_eos(tiny_generator):
+    rng = random.Random(3)
+    vocab = len(tiny_generator.tokenizer)
+    requests = []
+    for i in range(6):
+        prompt = random_prompt(rng, vocab, rng.randrange(5, 40))
+        free = alone(tiny_generator, prompt, GenerationParams(max_new_tokens=30)).text
+        stop = (free[6:8],) if len(free) > 8 else ()
+        # the references hold the answer: the stop string sits inside a draft that stands
+        requests.append((prompt, GenerationParams(max_new_tokens=30, stop=stop, method="llma", options={"copy_k": 8}), [free]))
+    model = tiny_generator.model
+    eos = alone(tiny_generator, requests[0][0], GenerationParams(max_new_tokens=4)).token_ids[3]
+    model.generation_config.eos_token_id = eos  # some rows end at an EOS mid-draft
+    try:
+        gen = Generator(model, tiny_generator.tokenizer)
+        ours = run_steps(gen, requests, [0, 0, 1, 2, 2, 5])
+        for i, (prompt, params, references) in enumerate(requests):
+            assert_equal(ours[i], alone(gen, prompt, params, references), f"request {i}")
+    finally:
+        model.generation_config.eos_token_id = 0
+    assert any(g.finish_reason == "stop" for g in ours)
+
+
+def test_max_rows_makes_rows_wait(tiny_generator):
+    rng = random.Random(8)
+    vocab = len(tiny_generator.tokenizer)
+    requests = [(random_prompt(rng, vocab, rng.randrange(2, 30)), GenerationParams(max_new_tokens=12), []) for _ in range(5)]
+    ours = run_steps(tiny_generator, requests, [0] * 5, prefill_chunk=5, max_rows=2)
+    for i, (prompt, params, references) in enumerate(requests):
+        assert_equal(ours[i], alone(tiny_generator, prompt, params), f"request {i}")
+
+
+def test_a_cancelled_row_leaves_and_the_others_go_on(tiny_generator):
+    rng = random.Random(5)
+    vocab = len(tiny_generator.tokenizer)
+    prompts = [random_prompt(rng, vocab, n) for n in (12, 30, 7)]
+    params = GenerationParams(max_new_tokens=25)
+    decoder = BatchDecoder(tiny_generator.model)
+    for i, prompt in enumerate(prompts):
+        row = tiny_generator.row(prompt, params)
+        row.key = i
+        decoder.add(row)
+    tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    step = 0
+    while decoder.busy:
+        if step == 6:
+            decoder.cancel(1)
+        for row, block in decoder.step():
+            tokens[row.key].extend(block.token_ids)
+        step += 1
+    for i in (0, 2):
+        assert tuple(tokens[i]) == alone(tiny_generator, prompts[i], params).token_ids
+    assert 0 < len(tokens[1]) < 25
+
+
+def test_engine_serves_concurrent_callers_each_their_own_answer(tiny_tokenizer):
+    from conftest import tiny_causal_lm
+
+    generator = Generator(tiny_causal_lm("qwen2", len(tiny_tokenizer), seed=3), tiny_tokenizer, name="tiny-engine")
+    rng = random.Random(21)
+    vocab = len(tiny_tokenizer)
+    requests = []
+    for i in range(8):
+        prompt = random_prompt(rng, vocab, rng.randrange(1, 50))
+        method = ("greedy", "llma", "pid")[i % 3]
+        params = GenerationParams(max_new_tokens=rng.randrange(4, 30), method=method, options={"copy_k": 3} if method == "llma" else {})
+        requests.append((prompt, params, [tiny_tokenizer.decode(prompt[::-1])]))
+    expected = [alone(generator, *r) for r in requests]
+    # a bad request among them fails alone
+    requests.append(([5] * 600, GenerationParams(max_new_tokens=10), []))
+
+    generator.start_batching(max_batch=3, prefill_chunk=6)
+    try:
+        results: dict[int, object] = {}
+
+        def ask(i):
+            try:
+                results[i] = generator.generate(*requests[i])
+            except ValueError as error:
+                results[i] = error
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert generator.engine.alive and generator.engine.rows == 0
+    finally:
+        generator.stop_batching()
+    for i, want in enumerate(expected):
+        assert_equal(results[i], want, f"request {i}")
+    assert isinstance(results[8], ValueError) and "context" in str(results[8])
+
+
+def test_engine_reader_leaving_cancels_its_row(tiny_generator):
+    generator = Generator(tiny_generator.model, tiny_generator.tokenizer, name="tiny-cancel")
+    engine = generator.start_batching(max_batch=4)
+    try:
+        long = generator.stream([3, 4, 5, 6], GenerationParams(max_new_tokens=200))
+        next(long)
+        long.close()  # the client went away
+        short = generator.generate([7, 8, 9], GenerationParams(max_new_tokens=10))
+        assert len(short.token_ids) <= 10
+        for _ in range(100):
+            if engine.rows == 0:
+                break
+            threading.Event().wait(0.05)
+        assert engine.rows == 0
+    finally:
+        generator.stop_batching()
+
+
+def test_batched_rows_equal_alone_on_smollm2(smollm2):
+    """A real model: chat prompts of different lengths joining a running batch, greedy and
+    llma mixed, each answer as the request alone gives it."""
+    questions = [
+        "What is the capital of France?",
+        "Name three primary colours.",
+        "Explain in one sentence what a KV cache is.",
+        "Write the numbers from one to ten in words.",
+        "Who wrote Hamlet?",
+    ]
+    passage = "The Eiffel Tower is in Paris, the capital of France. It was built in 1889 for the World's Fair."
+    requests = []
+    for i, question in enumerate(questions):
+        prompt = smollm2.prompt_ids(f"{passage}\n\n{question}" if i % 2 else question)
+        method = "llma" if i % 2 else "greedy"
+        requests.append((prompt, GenerationParams(max_new_tokens=24, method=method), [passage]))
+    ours = run_steps(smollm2, requests, [0, 0, 2, 3, 7], prefill_chunk=16)
+    for i, (prompt, params, references) in enumerate(requests):
+        assert_equal(ours[i], alone(smollm2, prompt, params, references), f"request {i}")
