@@ -46,10 +46,8 @@ FAQ = [
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    from ragdec.retrieval.embedder import Embedder
-
-    return Embedder("all-minilm-l6-v2")
+def embedder(minilm):
+    return minilm
 
 
 @pytest.fixture
@@ -75,17 +73,16 @@ def test_read_faq_accepts_one_answer_and_names_bad_lines(tmp_path, faq_file):
     assert read_faq(single)[0].answers == ("A.",)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?", "answers": ["A."]}\n{"question": "no answer"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected"):
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: expected"):
         read_faq(bad)
     with pytest.raises(FileNotFoundError, match="JSON Lines"):
         read_faq(tmp_path / "absent.jsonl")
 
 
-@pytest.mark.real_model
-def test_faq_served_where_safe_generated_otherwise(cache, faq_file):
+def test_faq_served_where_safe_generated_otherwise(cache, faq_file, weights):
     report = import_faq(cache, faq_file, with_paraphrases=False)
     assert (report.records, report.entries) == (4, 4)
-    service = FaqService(cache, model=SMOLLM, max_new_tokens=48)
+    service = FaqService(cache, model=weights(SMOLLM), max_new_tokens=48)
 
     served = service.ask("How can I delete my facebook account")
     assert not served.generated and served.lookup.outcome == "semantic"
@@ -130,13 +127,12 @@ def run(*argv) -> int:
     return args.func(args)
 
 
-@pytest.mark.real_model
-def test_commands_end_to_end(tmp_path, faq_file, capsys):
+def test_commands_end_to_end(tmp_path, faq_file, capsys, weights):
     db = tmp_path / "cli.sqlite"
     assert run("faq", "import", faq_file, "--db", db, "--no-paraphrases") == 0
     assert "imported 4 questions as 4 entries" in capsys.readouterr().out
 
-    assert run("faq", "ask", "How can I delete my facebook account", "--db", db, "--model", SMOLLM) == 0
+    assert run("faq", "ask", "How can I delete my facebook account", "--db", db, "--model", weights(SMOLLM)) == 0
     out = capsys.readouterr()
     assert out.out.strip() == FAQ[0]["answers"][0] and "semantic hit" in out.err
 
