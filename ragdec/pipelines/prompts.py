@@ -86,11 +86,29 @@ def fit_sources(sources: Sequence[Source], budget: int, count_tokens: Callable[[
     return [Source(i, s.id, s.title, s.text, s.score) for i, s in enumerate(kept, 1)]  # renumbered
 
 
+# a history of at most this many characters per prompt token is templated whole first: it
+# fits more often than not, and templating it is cheap (one call, as for a short chat)
+_WHOLE_FIRST_CHARS_PER_TOKEN = 4
+
+
 @dataclass(frozen=True)
 class Prompt:
     token_ids: list[int]
     prefix_len: int  # leading tokens shared with the next request (system prompt, history)
     dropped_turns: int  # history messages left out to fit
+
+
+def history_cuts(history: Sequence[Message]) -> list[int]:
+    """Where the kept history may begin, oldest first: each cut drops one more turn (a user
+    message and the answer after it, or a lone message), and the last keeps nothing.
+
+    Example: roles [user, assistant, user, assistant, user] -> [0, 2, 4, 5].
+    """
+    cuts, start = [0], 0
+    while start < len(history):
+        start += 2 if start + 1 < len(history) and history[start + 1]["role"] == "assistant" else 1
+        cuts.append(start)
+    return cuts
 
 
 def build_prompt(
@@ -100,7 +118,19 @@ def build_prompt(
     user_text: str,
     max_prompt_tokens: int,
 ) -> Prompt:
-    """Template the chat; drop the oldest history turns until it fits ``max_prompt_tokens``.
+    """Template the chat, keeping the newest history turns that fit ``max_prompt_tokens``:
+    the oldest turns are dropped, a whole turn at a time.
+
+    The first cut that fits is searched from the newest end, galloping then bisecting, so
+    that only the kept turns (and about as many more) are ever templated, a handful of
+    times: a history of thousands of turns costs what its last screenful does. (Dropping
+    one turn at a time from the oldest and templating everything again was quadratic.) A
+    history short enough to be cheap is tried whole first, which is the common case.
+
+    Example: a long history of 5 turn pairs, cuts [0, 2, 4, 6, 8, 10] (cut 10 keeps none).
+    Cut 10 fits; galloping back, cut 8 (one turn) fits, cut 4 (two more) fits, cut 0 (four
+    more, clamped) does not; bisecting between 0 and 4, cut 2 does not fit: the prompt keeps
+    ``history[4:]`` and ``dropped_turns`` is 4.
 
     ``prefix_len`` is where the last user message's text begins: the system prompt and
     history before it recur in the next turn of the conversation, so their KV can be kept.
@@ -109,23 +139,44 @@ def build_prompt(
         RequestError: the question alone does not fit.
     """
     history = list(history)
-    dropped = 0
-    while True:
-        head = [{"role": "system", "content": system}, *history]
-        ids = template([*head, {"role": "user", "content": user_text}])
-        if len(ids) <= max_prompt_tokens:
-            break
-        if not history:
-            raise RequestError(
-                f"the question and its passages take {len(ids)} tokens, over the prompt limit of "
-                f"{max_prompt_tokens}: shorten the question"
-            )
-        # drop the oldest turn: a user message and the answer after it
-        cut = 2 if len(history) > 1 and history[1]["role"] == "assistant" else 1
-        del history[:cut]
-        dropped += cut
+    head = [{"role": "system", "content": system}]
+    user = {"role": "user", "content": user_text}
+    cuts = history_cuts(history)
+    templated: dict[int, list[int]] = {}  # cut index -> prompt ids
+
+    def fits(cut: int) -> bool:
+        if cut not in templated:
+            templated[cut] = template([*head, *history[cuts[cut] :], user])
+        return len(templated[cut]) <= max_prompt_tokens
+
+    newest = len(cuts) - 1  # the cut that keeps no history
+    history_chars = sum(len(m["content"]) for m in history)
+    if history_chars <= _WHOLE_FIRST_CHARS_PER_TOKEN * max_prompt_tokens and fits(0):
+        kept = 0
+    elif not fits(newest):
+        raise RequestError(
+            f"the question and its passages take {len(templated[newest])} tokens, over the prompt limit of "
+            f"{max_prompt_tokens}: shorten the question"
+        )
+    else:
+        # gallop back from the newest cut: ``kept`` fits, ``too_far`` (when found) does not
+        kept, too_far, step = newest, -1, 1
+        while kept > 0 and too_far < 0:
+            probe = max(kept - step, 0)
+            if fits(probe):
+                kept, step = probe, step * 2
+            else:
+                too_far = probe
+        while too_far >= 0 and kept - too_far > 1:  # bisect: the first cut that fits
+            middle = (too_far + kept) // 2
+            if fits(middle):
+                kept = middle
+            else:
+                too_far = middle
+    ids = templated[kept]
+    head += history[cuts[kept] :]
     marker = template([*head, {"role": "user", "content": ""}])
     prefix_len = 0
     while prefix_len < min(len(ids), len(marker)) and ids[prefix_len] == marker[prefix_len]:
         prefix_len += 1
-    return Prompt(ids, prefix_len, dropped)
+    return Prompt(ids, prefix_len, cuts[kept])

@@ -4,7 +4,8 @@
 2. compare: a file whose SHA-256 matches the one recorded at its last ingestion is skipped;
    a changed file first has its old passages removed;
 3. read and chunk: each document cut into windows of embedder tokens (``chunking``); a file
-   that cannot be read is skipped with a warning naming it;
+   that cannot be read (gone, unreadable, over the size cap, not text, failing to parse) is
+   skipped with a warning naming it and why, and the run goes on;
 4. de-duplicate: a passage whose normalized text is stored already (from any file, or
    earlier in this run) is linked to the file, not embedded again;
 5. embed and add, in batches, the progress bar counting passages per second;
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from .chunking import chunk_text
-from .readers import ReadOptions, SkippedFile, discover, read_documents
+from .readers import ReadOptions, SkippedFile, check_file, discover, read_documents
 from .retriever import Retriever
 from .store import Passage, SourceFile, content_hash
 
@@ -127,10 +128,15 @@ def _ingest(retriever, paths, read_options, progress, prune, warn) -> IngestRepo
 
     started = time.perf_counter()
     paths = [Path(p).expanduser() for p in paths]
-    files, unsupported = discover(paths)
-    skipped: list[tuple[str, str]] = list(unsupported)
-    for path, reason in unsupported:
+    files, left_out = discover(paths)
+    skipped: list[tuple[str, str]] = []
+
+    def skip(path, reason) -> None:
+        skipped.append((str(path), str(reason)))
         warn(f"skipped {path}: {reason}")
+
+    for path, reason in left_out:
+        skip(path, reason)
     store = retriever.documents
     removed_passages = files_removed = 0
     if prune:
@@ -151,26 +157,31 @@ def _ingest(retriever, paths, read_options, progress, prune, warn) -> IngestRepo
     hashes_this_run: dict[str, int] = {}
     duplicates = 0
     for path in tqdm(files, desc="reading", unit="file", disable=not progress or len(files) < 2, leave=False):
-        stat = path.stat()
-        digest = file_sha256(path)
         known = store.source(str(path))
-        if known is not None and known.sha256 == digest:
-            unchanged += 1
-            continue
         try:
+            stat = check_file(path, read_options)
+            digest = file_sha256(path)
+            if known is not None and known.sha256 == digest:
+                unchanged += 1
+                continue
             documents, notes = read_documents(path, read_options)
+            chunks = [
+                (document, chunk)
+                for document in documents
+                for chunk in chunk_text(document.text, tokenizer, chunk_tokens, overlap)
+            ]
+            chunk_hashes = [content_hash(chunk.text) for _, chunk in chunks]
         except SkippedFile as reason:
-            skipped.append((str(path), str(reason)))
-            warn(f"skipped {path}: {reason}")
+            skip(path, reason)
+            continue
+        except OSError as error:  # gone or locked between the listing and the read
+            skip(path, f"cannot read ({error.strerror or error})")
+            continue
+        except Exception as error:  # whatever one file's content does, the run goes on without it
+            skip(path, f"cannot be read ({type(error).__name__}: {str(error)[:200]})")
             continue
         for note in notes:
             warn(f"{path}: {note}")
-        chunks = [
-            (document, chunk)
-            for document in documents
-            for chunk in chunk_text(document.text, tokenizer, chunk_tokens, overlap)
-        ]
-        chunk_hashes = [content_hash(chunk.text) for _, chunk in chunks]
         if known is not None:  # changed: drop what it no longer holds, keep what it still does
             removed_passages += retriever.remove_source(str(path), frozenset(chunk_hashes))
         stored = store.ids_by_hash(chunk_hashes)
