@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from .cli_common import add_pipeline_arguments, build_pipeline, generation_params
+from .worker import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 
 
 def build_app(args):
@@ -35,11 +36,15 @@ def build_app(args):
             raise FileNotFoundError(f"no FAQ cache at {path}: import one with `ragdec faq import FILE --db {path}`")
         service = FaqService(QACache.open(path), model=args.model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
         service.generator  # load the model now, not on the first question
-        return create_app(FaqPipeline(service), args.model, defaults=defaults, mode="faq")
+        return create_app(FaqPipeline(service), args.model, defaults=defaults, mode="faq", **_scheduling(args))
 
     pipeline = build_pipeline(args)
     context = getattr(pipeline.generator.model.config, "max_position_embeddings", None)
-    return create_app(pipeline, args.model, retriever=pipeline.retriever, defaults=defaults, context_length=context)
+    return create_app(pipeline, args.model, retriever=pipeline.retriever, defaults=defaults, context_length=context, **_scheduling(args))
+
+
+def _scheduling(args) -> dict:
+    return {"max_batch": args.max_batch, "max_queue": args.max_queue or None, "request_timeout": args.request_timeout}
 
 
 def cmd_serve(args) -> int:
@@ -58,5 +63,11 @@ def register(subparsers) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--faq-db", metavar="PATH", help="answer from this FAQ cache (`ragdec faq import`) instead of a store")
+    serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                       help=f"requests decoding together in one batch (default {DEFAULT_MAX_BATCH}; 1: one at a time)")
+    serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                       help=f"requests waiting at most; past it the server answers 429 with Retry-After (default {DEFAULT_MAX_QUEUE}; 0: no bound)")
+    serve.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                       help="end a request that waited and ran longer than this with a clear error (default: no limit)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(func=cmd_serve)

@@ -31,9 +31,10 @@ class ApiError(Exception):
     """A request the server refuses, with its OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
+        self.headers = headers  # e.g. Retry-After on a 429
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

@@ -8,9 +8,12 @@
     GET  /health                model, queue, and what became of the jobs
     GET  /                      the web chat (one static page)
 
-Every request goes through one ``ModelWorker``: one decode at a time, in arrival order,
-none dropped; a streaming client that disconnects has its decode stopped between two
-forward passes. Errors are OpenAI-style bodies, ``{"error": {"message", "type", "param",
+Every request goes through one ``ModelWorker``: in arrival order, up to ``max_batch`` at
+once, whose decodes share one batched loop (continuous batching: a request joins the
+running batch between two forwards); past ``max_queue`` waiting requests the server
+answers 429 with Retry-After; a request that waited and ran past ``request_timeout`` ends
+with a 504 (or an error event, once streaming). A streaming client that disconnects has
+its row dropped from the batch between two forward passes. Errors are OpenAI-style bodies, ``{"error": {"message", "type", "param",
 "code"}}``, with a 4xx for what the client can fix.
 
 Example::
@@ -48,9 +51,10 @@ from .openai_api import (
     final_events,
     parse_chat,
 )
-from .worker import JobFailed, ModelWorker
+from .worker import DEFAULT_MAX_QUEUE, JobExpired, JobFailed, ModelWorker, QueueFull
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
+
 
 
 def create_app(
@@ -61,6 +65,9 @@ def create_app(
     defaults: GenerationParams | None = None,
     context_length: int | None = None,
     mode: str = "rag",
+    max_batch: int = 1,
+    max_queue: int | None = DEFAULT_MAX_QUEUE,
+    request_timeout: float | None = None,
 ) -> FastAPI:
     """The server's app over ``pipeline``.
 
@@ -71,9 +78,16 @@ def create_app(
         defaults: method, max_new_tokens and knobs of requests that do not set them.
         context_length: the model's context, the bound of ``max_tokens``.
         mode: "rag" or "faq", shown by /health and the web chat.
+        max_batch: requests decoding together (1: one at a time).
+        max_queue: requests waiting at most; past it, 429 (None: no bound).
+        request_timeout: seconds from arrival to the answer's end (None: no limit).
     """
     defaults = defaults or GenerationParams(max_new_tokens=256, method=AUTO)
-    worker = ModelWorker()
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    generator = getattr(pipeline, "generator", None)
+    engine = generator.start_batching(max_batch) if max_batch > 1 and generator is not None else None
+    worker = ModelWorker(threads=max_batch, max_queue=max_queue, deadline_s=request_timeout)
     started = int(time.time())
     page = resources.files("ragdec.app").joinpath("static/chat.html").read_text(encoding="utf-8")
 
@@ -81,13 +95,15 @@ def create_app(
     async def lifespan(_):
         yield
         worker.close()
+        if engine is not None:
+            generator.stop_batching()
 
     app = FastAPI(title="ragdec", description="OpenAI-compatible answers over a ragdec pipeline", version="0.1.0", lifespan=lifespan)
     app.state.worker = worker
 
     @app.exception_handler(ApiError)
     async def _api_error(_, error: ApiError):
-        return JSONResponse(error.body, status_code=error.status)
+        return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_, error: StarletteHTTPException):
@@ -100,15 +116,22 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        running = worker.running
-        return {
-            "status": "ok",
+        live = worker.live and (engine is None or engine.alive)
+        batch = {"max_batch": max_batch, "rows": engine.rows if engine else worker.running}
+        if engine is not None:
+            batch.update(steps=engine.steps, failed_steps=engine.failed_steps, last_error=engine.last_error or None,
+                         seconds_since_step=round(time.time() - engine.last_step_at, 1) if engine.rows else None)
+        body = {
+            "status": "ok" if live else "down",
             "model": model_name,
             "mode": mode,
             "store": str(getattr(retriever, "folder", "")) or None,
-            "queue": {"waiting": worker.waiting, "running": running is not None},
-            "jobs": {k: worker.counts.get(k, 0) for k in ("done", "cancelled", "failed")},
+            "worker": {"live": live, "threads": worker.threads, "batch_engine": engine is not None},
+            "queue": {"waiting": worker.waiting, "running": worker.running, "max_queue": max_queue},
+            "batch": batch,
+            "jobs": {k: worker.counts.get(k, 0) for k in ("done", "cancelled", "failed", "expired", "refused")},
         }
+        return JSONResponse(body, status_code=200 if live else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -124,7 +147,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
         call = parse_chat(await _json(http), model_name, defaults, context_length)
-        job = worker.submit(lambda: pipeline.stream([call.request]))
+        job = _submit(worker, lambda: pipeline.stream([call.request]))
         watch = asyncio.create_task(_cancel_on_disconnect(http, job))
         try:
             if call.stream:
@@ -136,6 +159,9 @@ def create_app(
                     last = chunk
         except JobFailed as error:
             raise ApiError(500, f"the model failed on this request: {error}", None, None, "server_error") from error
+        except JobExpired as error:
+            worker.counts["expired"] += 1
+            raise _expired(error) from None
         finally:
             watch.cancel()
         if last is None or last.finish_reason == "error":
@@ -156,16 +182,34 @@ def create_app(
         search_mode = body.get("mode", "dense")
         if search_mode not in SEARCH_MODES:
             raise ApiError(400, f"'mode' must be one of {', '.join(SEARCH_MODES)} (got {search_mode!r})", "mode")
-        job = worker.submit(lambda: [retriever.search(query, k=k, mode=search_mode)])
+        job = _submit(worker, lambda: [retriever.search(query, k=k, mode=search_mode)])
         try:
             hits = [hits async for hits in job.items()][0]
         except JobFailed as error:
             raise ApiError(500, f"retrieval failed: {error}", None, None, "server_error") from error
+        except JobExpired as error:
+            worker.counts["expired"] += 1
+            raise _expired(error) from None
         data = [{"object": "passage", "rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": h.score,
                  "source": h.passage.source} for h in hits]
         return {"object": "list", "query": query, "mode": search_mode, "data": data}
 
     return app
+
+
+def _submit(worker: ModelWorker, work):
+    """Queue ``work``, or refuse with 429 and Retry-After when the queue is full."""
+    try:
+        return worker.submit(work)
+    except QueueFull as full:
+        raise ApiError(
+            429, f"the server is busy ({full}): retry after {full.retry_after} s", None, "rate_limit_exceeded",
+            "rate_limit_error", headers={"Retry-After": str(full.retry_after)},
+        ) from None
+
+
+def _expired(error: JobExpired) -> ApiError:
+    return ApiError(504, f"the request took too long ({error}): ask again, or for fewer tokens", None, "timeout", "server_error")
 
 
 def _model_card(model_name: str, created: int) -> dict:
@@ -201,6 +245,8 @@ async def _stream(call: ChatCall, job) -> StreamingResponse | JSONResponse:
         raise ApiError(500, f"the model failed on this request: {error}", None, None, "server_error") from error
     except StopAsyncIteration:  # cancelled before it began: its client is gone
         raise ApiError(503, "the request was cancelled before it was answered", None, "cancelled", "server_error") from None
+    except JobExpired as error:
+        raise _expired(error) from None
     if first.finish_reason == "error":
         raise error_from_chunk(first)
 
@@ -222,6 +268,9 @@ async def _stream(call: ChatCall, job) -> StreamingResponse | JSONResponse:
                 chunk, is_first = await items.__anext__(), False
         except JobFailed as error:
             yield error_event(ApiError(500, f"the model failed on this request: {error}", type="server_error"))
+            yield "data: [DONE]\n\n"
+        except JobExpired as error:
+            yield error_event(_expired(error))
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()  # the client went away mid-stream (no-op after the end): stop decoding
