@@ -11,8 +11,11 @@ about a second, under ``$RAGDEC_HOME/models/<name>/`` (default ``~/.cache/ragdec
 
 The source is hashed as it streams (SHA-256 and size must match the registry), the folder is
 built beside the cache and renamed into place only when complete, and it carries a manifest
-(``ragdec-model.json``) whose presence means "prepared". Anything else ``resolve`` is given (a
-local folder, a hub id such as ``Qwen/Qwen2.5-0.5B-Instruct``) passes through untouched.
+(``ragdec-model.json``) whose presence means "prepared". The manifest records the size and
+SHA-256 of every file in the folder: loading compares the sizes (a ``stat`` each, so a
+truncated or half-copied file is refused at once), ``verify`` (``ragdec models verify``)
+re-hashes them all. Anything else ``resolve`` is given (a local folder, a hub id such as
+``Qwen/Qwen2.5-0.5B-Instruct``) passes through untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import json
 import os
 import re
 import shutil
@@ -160,11 +164,91 @@ def _missing_packages(spec: ModelSpec) -> list[str]:
 
 
 def model_status(name: str) -> str:
-    """"prepared" (in the cache), "installed" (packages present, not assembled) or "missing"."""
+    """"prepared" (in the cache), "damaged" (prepared, but a file's size differs from the
+    manifest's), "installed" (packages present, not assembled) or "missing"."""
     spec = _spec(name)
     if (_model_dir(name) / MANIFEST).is_file():
-        return "prepared"
+        return "damaged" if _size_problems(_model_dir(name)) else "prepared"
     return "missing" if _missing_packages(spec) else "installed"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: Path) -> dict:
+    """The manifest of a prepared folder ({} when it is damaged beyond reading)."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _size_problems(folder: Path) -> dict[str, str]:
+    """{file: what is wrong} for the files of a prepared folder whose size differs from its
+    manifest's record (stat only: cheap enough for every load). A manifest from before
+    ragdec recorded the files has nothing to compare, and passes."""
+    problems = {}
+    for relative, recorded in (_read_manifest(folder).get("files") or {}).items():
+        try:
+            size = (folder / relative).stat().st_size
+        except OSError:
+            problems[relative] = f"{relative} is missing"
+            continue
+        if size != recorded["bytes"]:
+            problems[relative] = f"{relative} has {size:,} bytes, the manifest {recorded['bytes']:,}"
+    return problems
+
+
+@dataclass(frozen=True)
+class Verification:
+    name: str  # zoo name
+    folder: Path  # the prepared folder
+    checked: int  # files re-hashed and found as prepared
+    problems: tuple[str, ...]  # one line per file that differs, or why nothing could be checked
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(name: str, progress: bool = False) -> Verification:
+    """Re-hash a prepared model's files against the sizes and SHA-256 its manifest recorded.
+
+    Example: a truncated ``model.safetensors`` -> ``problems == ("model.safetensors has
+    1,024 bytes, the manifest 90,868,376",)``; a flipped byte -> "... SHA-256 differs".
+
+    Raises:
+        ZooError: an unknown name, or a model that is not prepared.
+    """
+    _spec(name)
+    folder = _model_dir(name)
+    if not (folder / MANIFEST).is_file():
+        raise ZooError(f"{name} is not prepared: run `ragdec models prepare {name}`")
+    files = _read_manifest(folder).get("files")
+    if not files:
+        return Verification(name, folder, 0, (
+            f"prepared before ragdec recorded file sizes and hashes, so there is nothing to check against: "
+            f"prepare it again to record them (rm -r {folder} && ragdec models prepare {name})",
+        ))
+    from tqdm.auto import tqdm
+
+    sized_wrong = _size_problems(folder)
+    problems = list(sized_wrong.values())
+    checked = 0
+    for relative, recorded in tqdm(files.items(), desc=f"{name}: verify", unit="file", disable=not progress):
+        if relative in sized_wrong:
+            continue
+        if _file_sha256(folder / relative) != recorded["sha256"]:
+            problems.append(f"{relative}: SHA-256 differs from the manifest's (same size: damaged in place)")
+        else:
+            checked += 1
+    return Verification(name, folder, checked, tuple(problems))
 
 
 def _source_files(spec: ModelSpec) -> list[Path]:
@@ -197,11 +281,8 @@ def _damaged_files(spec: ModelSpec) -> list[str]:
         record = next((f for f in dist.files or () if f.as_posix() == file), None)
         if record is None or record.hash is None or record.hash.mode != "sha256":
             continue
-        digest = hashlib.sha256()
-        with open(dist.locate_file(file), "rb") as handle:
-            while chunk := handle.read(_CHUNK_BYTES):
-                digest.update(chunk)
-        if base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode() != record.hash.value:
+        digest = bytes.fromhex(_file_sha256(Path(dist.locate_file(file))))
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != record.hash.value:
             damaged.append(f"{dist.locate_file(file)} (from {requirement})")
     return damaged
 
@@ -286,8 +367,10 @@ def _clear_stale_builds(models: Path, name: str) -> None:
 def prepare(name: str, progress: bool = True) -> Path:
     """Assemble zoo model ``name`` into ``ragdec_home()/models/<name>/`` and return that folder.
 
-    Returns at once when it is already prepared. Otherwise: check the source (SHA-256, size),
-    convert it in ``models/.<name>.<pid>.partial/``, write the manifest, rename into place.
+    Returns at once when it is already prepared (and its files have the sizes its manifest
+    records; a damaged folder is prepared again). Otherwise: check the source (SHA-256,
+    size), convert it in ``models/.<name>.<pid>.partial/``, write the manifest (with each
+    file's size and SHA-256), rename into place.
     On 2 cores: about 20 s for smollm2, 40 s for Qwen 0.5B, 2 min (and 6 GB of memory) for
     Qwen 1.5B; the embedders take seconds.
 
@@ -297,7 +380,7 @@ def prepare(name: str, progress: bool = True) -> Path:
     spec = _spec(name)
     _refuse_if_no_weights(name)
     final = _model_dir(name)
-    if (final / MANIFEST).is_file():
+    if model_status(name) == "prepared":
         return final
     paths = _source_files(spec)
     models = final.parent
@@ -327,8 +410,8 @@ def prepare(name: str, progress: bool = True) -> Path:
             _stream_source(spec, paths, None, progress)
             shutil.copytree(paths[0].parent, out_dir, dirs_exist_ok=True)
         _write_manifest(spec, out_dir)
-        if final.exists() and not (final / MANIFEST).is_file():
-            shutil.rmtree(final)  # a folder without a manifest is not ours to keep
+        if final.exists() and model_status(name) != "prepared":
+            shutil.rmtree(final)  # a folder without a manifest, or damaged, is not ours to keep
         try:
             durable_rename(out_dir, final)
         except OSError:
@@ -350,6 +433,12 @@ def _write_manifest(spec: ModelSpec, out_dir: Path) -> None:
         "source_sha256": spec.sha256,
         "source_size_bytes": spec.size_bytes,
         "transformers": transformers.__version__,
+        # what loading compares (sizes) and ``verify`` re-hashes
+        "files": {
+            path.relative_to(out_dir).as_posix(): {"bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+            for path in sorted(out_dir.rglob("*"))
+            if path.is_file() and path.name != MANIFEST
+        },
     }
     write_json(manifest, out_dir / MANIFEST)
 
@@ -363,13 +452,21 @@ def resolve(name_or_path: str, prepare_missing: bool = True) -> str:
     ("org/name") passes through.
 
     Raises:
-        ZooError: an unknown bare name (the message lists the zoo), or a zoo model that is
-            not prepared while ``prepare_missing`` is false.
+        ZooError: an unknown bare name (the message lists the zoo), a zoo model that is
+            not prepared while ``prepare_missing`` is false, or a prepared folder whose
+            files' sizes differ from its manifest's.
     """
     if name_or_path in MODELS:
         _refuse_if_no_weights(name_or_path)
-        if model_status(name_or_path) == "prepared":
+        status = model_status(name_or_path)
+        if status == "prepared":
             return str(_model_dir(name_or_path))
+        if status == "damaged":
+            folder = _model_dir(name_or_path)
+            raise ZooError(
+                f"the prepared folder {folder} is damaged ({'; '.join(list(_size_problems(folder).values())[:3])}): "
+                f"run `ragdec models prepare {name_or_path}` again"
+            )
         if not prepare_missing:
             raise ZooError(f"{name_or_path} is not prepared yet: run `ragdec models prepare {name_or_path}`")
         return str(prepare(name_or_path))

@@ -9,10 +9,12 @@ A folder holds::
 
 A writer builds generation N+1 beside N: it copies the documents into a working file, adds
 and deletes there and in memory, then writes ``index.<N+1>.faiss`` and renames the working
-file to ``documents.<N+1>.sqlite``. Rewriting ``manifest.json`` (a temp file renamed into
-place) is the commit: before it, readers and a crashed writer's successor see generation N
-whole; after it, N+1. Files of other generations are removed after the commit, or by the
-next writer when a crash left them.
+file to ``documents.<N+1>.sqlite`` (each fsynced, see ``ragdec.files``), and opens them again
+from disk to check that the index holds a vector for exactly the stored passages.
+Rewriting ``manifest.json`` (a temp file renamed into place) is the commit: before it,
+readers and a crashed writer's successor see generation N whole; after it, N+1.
+Generation N is removed only after the commit, and files of other generations (a crashed
+or refused save's) by the next writer.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from dataclasses import asdict, dataclass
@@ -311,9 +312,17 @@ class Retriever:
         # 1. the new generation's files, under names no manifest points to yet
         self.index.save(self.folder / manifest.index_file)
         durable_rename(working, self.folder / manifest.documents_file)
-        # 2. the commit
+        # 2. read back from disk and checked, while the previous generation is still current
+        try:
+            _check_generation(self.folder, manifest)
+        except StoreError:  # nothing committed: back to writing, as before the save
+            (self.folder / manifest.index_file).unlink(missing_ok=True)
+            os.replace(self.folder / manifest.documents_file, working)
+            self.documents = DocumentStore.open(working)
+            raise
+        # 3. the commit
         write_manifest(self.folder, manifest)
-        # 3. tidy up, then a working copy for further writes
+        # 4. only now the previous generation goes; then a working copy for further writes
         remove_stale_files(self.folder, manifest)
         self.manifest = manifest
         next_working = self.folder / f".documents.{generation + 1}.sqlite.partial"
@@ -332,6 +341,29 @@ def _embedder(embedder: str | Embedder | None, manifest: Manifest | None) -> Emb
 
 def _next_generation(manifest: Manifest | None) -> int:
     return manifest.generation + 1 if manifest else 1
+
+
+def _check_generation(folder: Path, manifest: Manifest) -> None:
+    """Open a generation's files as a reader will and check that the index holds a vector
+    for exactly the passages the documents hold (ids, not only counts).
+
+    Raises:
+        StoreError: saying what differs; the caller does not commit.
+    """
+    index, documents = _load_generation(folder, manifest, readonly=True)
+    try:
+        vector_ids = sorted(int(i) for i in index.ids_and_vectors()[0])
+        passage_ids = documents.all_ids()
+    finally:
+        documents.close()
+    if vector_ids != passage_ids:
+        missing = sorted(set(passage_ids) - set(vector_ids))[:5]
+        extra = sorted(set(vector_ids) - set(passage_ids))[:5]
+        raise StoreError(
+            f"the new generation of {folder} read back inconsistent (passages without a vector: {missing}, "
+            f"vectors without a passage: {extra}); nothing was committed, generation "
+            f"{manifest.generation - 1} stays current"
+        )
 
 
 def _load_generation(folder: Path, manifest: Manifest, readonly: bool) -> tuple[VectorIndex, DocumentStore]:
