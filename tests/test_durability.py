@@ -181,3 +181,15 @@ def test_a_truncated_real_model_file_is_refused_by_the_embedder(home):
     with pytest.raises(zoo.ZooError, match=f"damaged .*model.safetensors has .*ragdec models prepare {name}` again"):
         Embedder(name)
     assert any("model.safetensors has" in line for line in zoo.verify(name).problems)
+
+
+def test_models_verify_command(fake_model, home, capsys):
+    from ragdec.app.cli import main
+
+    folder = zoo.prepare(fake_model, progress=False)
+    assert main(["models", "verify", fake_model]) == 0
+    assert f"{fake_model}: ok (2 files as prepared)" in capsys.readouterr().out
+    (folder / "config.json").write_text("{}", encoding="utf-8")
+    assert main(["models", "verify"]) == 1  # every prepared model: here the fake one
+    out = capsys.readouterr().out
+    assert "config.json has 2 bytes, the manifest 18" in out and f"prepare it again: ragdec models prepare {fake_model}" in out

