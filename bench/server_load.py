@@ -75,9 +75,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(store: Path, model: str, max_new_tokens: int, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "ragdec.app.cli", "serve", "--store", str(store), "--model", model, "--no-cache",
-               "-k", "2", "--max-new-tokens", str(max_new_tokens), "--port", str(port), "--log-level", "warning"]
+def start_server(port: int, model: str, serve_args: list[str]) -> subprocess.Popen:
+    """`ragdec serve --model MODEL *serve_args` on 127.0.0.1:``port``, once /health answers."""
+    command = [sys.executable, "-m", "ragdec.app.cli", "serve", "--model", model, "--port", str(port),
+               "--log-level", "warning", *serve_args]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -171,7 +172,7 @@ def run_server_load(json_path: str | None, model: str | None = None, max_new_tok
     with tempfile.TemporaryDirectory() as scratch:
         store = build_store(Path(scratch))
         port = free_port()
-        server = start_server(store, model, max_new_tokens, port)
+        server = start_server(port, model, ["--store", str(store), "--no-cache", "-k", "2", "--max-new-tokens", str(max_new_tokens)])
         try:
             # 1. references, one at a time
             print(f"references: {len(asked)} questions, one at a time", file=sys.stderr)

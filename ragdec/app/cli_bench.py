@@ -34,6 +34,15 @@ def cmd_bench(args) -> int:
 
         run_pid_bench(args.data, args.json, **given(model=args.model, methods=methods, limit=args.limit, max_new_tokens=args.max_new_tokens))
         return 0
+    if args.workload == "server-load" and args.load:
+        from ragdec.bench.server_batch import run_server_batch
+
+        batches = tuple(int(b) for b in args.max_batch.split(",")) if args.max_batch else None
+        run_server_batch(args.json, args.load, args.data, **given(
+            model=args.model, store=args.store, clients=args.clients, requests_per_client=args.requests_per_client,
+            max_batch=batches, max_new_tokens=args.max_new_tokens,
+        ))
+        return 0
     if args.workload == "server-load":
         from ragdec.bench.server_load import run_server_load
 
@@ -110,6 +119,11 @@ def register(subparsers) -> None:
     bench.add_argument("-k", type=int, help="qa: passages retrieved per question (default 5)")
     bench.add_argument("--turns", type=int, help="chat-pipeline: questions asked per CoQA story (default 5)")
     bench.add_argument("--clients", type=int, help="server-load: concurrent clients (default 20)")
-    bench.add_argument("--requests-per-client", type=int, help="server-load: requests each client sends (default 10)")
+    bench.add_argument("--requests-per-client", "--requests", type=int, dest="requests_per_client",
+                       help="server-load: requests each client sends (default 10; --load: 4)")
+    bench.add_argument("--load", choices=("rag", "chat"), help="server-load: SQuAD questions over a store, or CoQA "
+                       "conversations with kept history, once per --max-batch value (default: the smollm2 load)")
+    bench.add_argument("--max-batch", metavar="N,N", help="server-load --load: the server's batch sizes to compare (default 1,8)")
+    bench.add_argument("--store", metavar="DIR", help="server-load --load rag: a store of the SQuAD passages (default: built)")
     retrieval_bench.add_arguments(bench.add_argument_group("retrieval workload"))
     bench.set_defaults(func=cmd_bench)
