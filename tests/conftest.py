@@ -1,8 +1,17 @@
-"""Shared fixtures: tiny random causal LMs (fast) and one real small model."""
+"""Shared fixtures, and the two lanes of the suite.
+
+Tiny random causal LMs serve the fast lane. Real weights come only through the ``weights``
+fixture (and those built on it: ``smollm2``, ``minilm``, ``e5``); a browser only through
+``browser`` (tests/test_app_browser.py). A test whose fixtures reach one of them is marked
+with its name, so that ``-m "not weights and not browser"`` (``make test-fast``) leaves
+it out; a test not marked ``weights`` that loads a zoo model anyway fails with the zoo's
+RAGDEC_NO_WEIGHTS error, in either lane.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 # idle OpenMP threads sleep instead of spinning: test processes share the cores with each
 # other (and with the server and browser tests' subprocesses); set before torch loads
@@ -73,7 +82,69 @@ def tiny_generator(request, tiny_tokenizer) -> Generator:
     return Generator(model, tiny_tokenizer, name=f"tiny-{request.param}")
 
 
+# ---- the lanes: markers set by rule, and the guard ------------------------------------------
+
+# a test whose fixtures (with all they depend on) include one of these is marked with its name
+MARKING_FIXTURES = ("weights", "browser")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the markers set here
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in MARKING_FIXTURES:
+            # the closure of the test's fixtures: what it asks for, what those ask for, ...
+            if name in item.fixturenames:
+                item.add_marker(name)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Outside the ``weights`` tests the zoo refuses to load (its fixtures of any scope and
+    any subprocess included): a test that loads weights without the fixture fails."""
+    from ragdec.models.zoo import NO_WEIGHTS
+
+    if item.get_closest_marker("weights"):
+        return (yield)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(NO_WEIGHTS, "1")
+        return (yield)
+
+
+# ---- real weights ---------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
-def smollm2() -> Generator:
-    """smollm2-135m-instruct from the zoo (assembled on first use, then loaded in ~1 s)."""
-    return Generator.load("smollm2-135m-instruct")
+def weights() -> Callable[[str], str]:
+    """The one door to real weights: ``weights(name)`` prepares zoo model ``name`` (assembled
+    on first use, then at once) and returns the name, for whatever loads it by name (a
+    Generator, an Embedder, the command line). Tests that use it are marked ``weights``."""
+    from ragdec.models import zoo
+
+    def prepared(name: str) -> str:
+        zoo.prepare(name, progress=False)
+        return name
+
+    return prepared
+
+
+@pytest.fixture(scope="session")
+def smollm2(weights) -> Generator:
+    """smollm2-135m-instruct from the zoo (loaded in ~1 s once prepared)."""
+    return Generator.load(weights("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def minilm(weights):
+    """all-minilm-l6-v2 from the zoo: 6 layers, the fast real embedder of these tests."""
+    from ragdec.retrieval.embedder import Embedder
+
+    return Embedder(weights("all-minilm-l6-v2"))
+
+
+@pytest.fixture(scope="session")
+def e5(weights):
+    """multilingual-e5-small from the zoo: the default embedder."""
+    from ragdec.retrieval.embedder import DEFAULT_EMBEDDER, Embedder
+
+    weights(DEFAULT_EMBEDDER)
+    return Embedder()

@@ -1,20 +1,16 @@
-"""Shared pieces of the retrieval tests: real embedders loaded once per process, a small
-corpus of real SQuAD paragraphs (the shipped sample), files good and bad, a hand-made PDF.
+"""Data shared by the retrieval, pipeline and app tests: a small corpus of real SQuAD
+paragraphs (the shipped sample), files good and bad, a hand-made PDF.
 
-Importable by the other ``test_retrieval_*`` modules (``from test_retrieval_fixtures import
-...``); the loaders are cached functions, so every module shares one model.
+Imported by those modules (``from retrieval_fixtures import ...``); the real embedders are
+the ``minilm`` and ``e5`` fixtures of conftest.py.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 from ragdec.data import sample_corpus_path
-from ragdec.decoding.generator import configure_threads
-
-configure_threads()
 
 # SQuAD v1.1 dev questions (CC BY-SA 4.0) about paragraphs of the shipped sample corpus
 SAMPLE_QUESTIONS = {
@@ -23,22 +19,6 @@ SAMPLE_QUESTIONS = {
     "What was Maria Curie the first female recipient of?": "Warsaw#0",
     "In what country is Normandy located?": "Normans#0",
 }
-
-
-@functools.cache
-def minilm():
-    """all-minilm-l6-v2 from the zoo: 6 layers, the fast real embedder of these tests."""
-    from ragdec.retrieval.embedder import Embedder
-
-    return Embedder("all-minilm-l6-v2")
-
-
-@functools.cache
-def e5():
-    """multilingual-e5-small from the zoo: the default embedder."""
-    from ragdec.retrieval.embedder import Embedder
-
-    return Embedder()
 
 
 def sample_records(per_article: int = 6) -> list[dict]:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from app_fixtures import STORE_QUESTION, build_store
-from test_retrieval_fixtures import minilm
 
 from ragdec.decoding.methods import GenerationParams
 from ragdec.pipelines.rag import RagPipeline, RagSettings
@@ -44,11 +43,11 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, smollm2):
+def server(tmp_path_factory, smollm2, minilm):
     from ragdec.app.server import BackgroundServer, create_app
     from ragdec.retrieval.retriever import Retriever
 
-    with Retriever.open(build_store(tmp_path_factory.mktemp("web")), minilm()) as store:
+    with Retriever.open(build_store(tmp_path_factory.mktemp("web"), minilm), minilm) as store:
         pipeline = RagPipeline(smollm2, store, settings=RagSettings(k=2))
         app = create_app(pipeline, MODEL, retriever=store, defaults=GenerationParams(max_new_tokens=24, method="auto"))
         with BackgroundServer(app) as running:

@@ -8,7 +8,6 @@ from app_fixtures import STORE_QUESTION, build_store
 from langchain_core.messages import HumanMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests, RetrieversIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests
-from test_retrieval_fixtures import minilm
 
 from ragdec.app.langchain import ChatRagdec, RagdecEmbeddings, RagdecLLM, RagdecRetriever, to_openai_messages
 
@@ -17,8 +16,8 @@ NO_TOOLS = "ragdec models answer in text: no tool calling, structured output or 
 
 
 @pytest.fixture(scope="module")
-def store_dir(tmp_path_factory) -> str:
-    return str(build_store(tmp_path_factory.mktemp("lc")))
+def store_dir(tmp_path_factory, minilm) -> str:
+    return str(build_store(tmp_path_factory.mktemp("lc"), minilm))
 
 
 class OnTheStore:
@@ -30,6 +29,16 @@ class OnTheStore:
         type(self).store = store_dir
 
     store: str = ""
+
+
+class WithMinilm:
+    """Puts the session's all-minilm-l6-v2 embedder on the suite class."""
+
+    @pytest.fixture(autouse=True)
+    def _embedder(self, minilm):
+        type(self).embedder = minilm
+
+    embedder = None
 
 
 class RagdecChatParams(OnTheStore):
@@ -90,24 +99,24 @@ class TestRagdecRetriever(OnTheStore, RetrieversIntegrationTests):
         return STORE_QUESTION
 
 
-class TestRagdecEmbeddingsUnit(EmbeddingsUnitTests):
+class TestRagdecEmbeddingsUnit(WithMinilm, EmbeddingsUnitTests):
     @property
     def embeddings_class(self):
         return RagdecEmbeddings
 
     @property
     def embedding_model_params(self) -> dict:
-        return {"model": minilm()}
+        return {"model": self.embedder}
 
 
-class TestRagdecEmbeddingsIntegration(EmbeddingsIntegrationTests):
+class TestRagdecEmbeddingsIntegration(WithMinilm, EmbeddingsIntegrationTests):
     @property
     def embeddings_class(self):
         return RagdecEmbeddings
 
     @property
     def embedding_model_params(self) -> dict:
-        return {"model": minilm()}
+        return {"model": self.embedder}
 
 
 # ---- beyond the suites ---------------------------------------------------------------------
@@ -152,8 +161,8 @@ def test_streamed_tokens_reach_the_callback_and_metadata_carries_sources(store_d
     assert greedy.content == message.content  # the copy decoder is lossless
 
 
-def test_stop_timeout_and_wrong_model_say_what_happened():
-    chat = ChatRagdec(model=CHAT_MODEL, max_tokens=10)
+def test_stop_timeout_and_wrong_model_say_what_happened(weights):
+    chat = ChatRagdec(model=weights(CHAT_MODEL), max_tokens=10)
     full = chat.invoke("Count from one to ten.").content
     stop = full.split()[2]  # a word inside the answer
     cut = chat.invoke("Count from one to ten.", stop=[stop]).content
@@ -164,8 +173,8 @@ def test_stop_timeout_and_wrong_model_say_what_happened():
         chat.invoke("hi", model="another-model")
 
 
-def test_llm_wrapper_streams_the_chat_models_answer():
-    llm = RagdecLLM(model=CHAT_MODEL, max_tokens=8)
+def test_llm_wrapper_streams_the_chat_models_answer(weights):
+    llm = RagdecLLM(model=weights(CHAT_MODEL), max_tokens=8)
     chat = ChatRagdec(model=CHAT_MODEL, max_tokens=8)
     text = llm.invoke("Name a planet.")
     assert text and text == chat.invoke("Name a planet.").content

@@ -13,7 +13,6 @@ import urllib.request
 import openai  # a test dependency (pip install -e '.[test]')
 import pytest
 from app_fixtures import STORE_QUESTION, build_store
-from test_retrieval_fixtures import minilm
 
 from ragdec.decoding.methods import GenerationParams
 from ragdec.pipelines.rag import RagPipeline, RagSettings
@@ -23,10 +22,10 @@ MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, minilm):
     from ragdec.retrieval.retriever import Retriever
 
-    with Retriever.open(build_store(tmp_path_factory.mktemp("srv")), minilm()) as retriever:
+    with Retriever.open(build_store(tmp_path_factory.mktemp("srv"), minilm), minilm) as retriever:
         yield retriever
 
 
@@ -245,7 +244,7 @@ def test_concurrent_requests_are_queued_and_kept_apart(server, pipeline):
 # ---- FAQ mode and the command ----------------------------------------------------------------
 
 
-def test_faq_mode_serves_curated_answers_and_generates_otherwise(tmp_path, smollm2):
+def test_faq_mode_serves_curated_answers_and_generates_otherwise(tmp_path, smollm2, minilm):
     from ragdec.app.faq_pipeline import FaqPipeline
     from ragdec.app.server import BackgroundServer, create_app
     from ragdec.cache.faq import FaqService, import_faq
@@ -253,7 +252,7 @@ def test_faq_mode_serves_curated_answers_and_generates_otherwise(tmp_path, smoll
 
     faq = tmp_path / "faq.jsonl"
     faq.write_text(json.dumps({"question": "How do I reset my password?", "answers": ["Open Settings, then Security, then Reset password."]}) + "\n")
-    cache = QACache.open(tmp_path / "faq.sqlite", minilm())
+    cache = QACache.open(tmp_path / "faq.sqlite", minilm)
     import_faq(cache, faq)
     service = FaqService(cache, model=MODEL, max_new_tokens=8)
     service._generator = smollm2  # the session's loaded model

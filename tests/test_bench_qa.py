@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_retrieval_fixtures import sample_records, write_jsonl
+from retrieval_fixtures import sample_records, write_jsonl
 
 from ragdec.bench.qa import exact_match, f1_score, normalize_answer, strip_citations
 
@@ -37,11 +37,11 @@ def data(tmp_path):
     return tmp_path
 
 
-def test_bench_qa_and_chat_pipeline_commands(data, tmp_path, capsys):
+def test_bench_qa_and_chat_pipeline_commands(data, tmp_path, capsys, weights):
     from ragdec.app.cli import main
 
     out = tmp_path / "qa.json"
-    assert main(["bench", "qa", "--model", "smollm2-135m-instruct", "--data", str(data), "--max-new-tokens", "16",
+    assert main(["bench", "qa", "--model", weights("smollm2-135m-instruct"), "--data", str(data), "--max-new-tokens", "16",
                  "-k", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["methods"]) == {"greedy", "llma"}

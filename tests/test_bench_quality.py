@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_retrieval_fixtures import write_jsonl
+from retrieval_fixtures import write_jsonl
 
 from ragdec.bench.quality import quality, rouge_l
 from ragdec.bench.sweep_plot import plot_sweep, settings_label
@@ -60,12 +60,12 @@ def test_workloads_carry_their_targets(data):
     assert [p.targets for p in spec] == [(), ("Good morning",)]
 
 
-def test_bench_reports_rouge_and_the_sweep_plots(data, tmp_path):
+def test_bench_reports_rouge_and_the_sweep_plots(data, tmp_path, weights):
     from ragdec.app.cli import main
 
     out = tmp_path / "xsum.json"
     code = main([
-        "bench", "xsum", "--model", "smollm2-135m-instruct", "--data", str(data), "--max-new-tokens", "12",
+        "bench", "xsum", "--model", weights("smollm2-135m-instruct"), "--data", str(data), "--max-new-tokens", "12",
         "--methods", "hf-greedy,bild-lossless,bild:rollback_threshold=0", "--draft-model", "smollm2-135m-instruct",
         "--json", str(out),
     ])

@@ -3,14 +3,13 @@ lossy mode keeps only tokens the big model finds likely; both KV caches stay con
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
 
 from conftest import TRAINING_TEXT, tiny_causal_lm
-from helpers import random_prompts
+from helpers import noisy_copy, random_prompts
 from ragdec.decoding import loop
 from ragdec.decoding.bild import LittleModelDrafter, RollbackRule
 from ragdec.decoding.generator import Generator
@@ -20,17 +19,6 @@ from ragdec.decoding.stopping import StopCondition
 from ragdec.models.zoo import model_status
 
 PADDING_ROWS = 7  # the little model's embedding is padded past the tokenizer, as Qwen's is
-
-
-def noisy_copy(model, noise: float, seed: int = 1):
-    """The model with Gaussian noise on every weight: it agrees with the original on about
-    60% of the tokens at noise 0.2, so drafts stand sometimes and roll back sometimes."""
-    little = copy.deepcopy(model)
-    rng = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in little.parameters():
-            param.add_(torch.randn(param.shape, generator=rng) * noise * param.std())
-    return little
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +205,6 @@ def test_int8_little_model_drafts_and_lossless_stays_lossless(pair):
         assert run(big, quantized, prompt, rollback_threshold=0.0).token_ids == expected
 
 
-@pytest.mark.real_model
 def test_smollm2_drafting_for_itself_equals_greedy(smollm2, tmp_path):
     """A real model as its own little model (by zoo name, loaded once): every confident
     draft stands, so both modes give greedy's tokens, and most tokens come from drafts."""
@@ -243,17 +230,16 @@ def test_smollm2_drafting_for_itself_equals_greedy(smollm2, tmp_path):
     assert stats["drafter_forward_passes"] > 0 and stats["new_tokens"] > 0
 
 
-@pytest.mark.real_model
 @pytest.mark.skipif(
     not all(model_status(n) == "prepared" for n in ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")),
     reason="the real pair is not prepared: ragdec models prepare qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct",
 )
-def test_real_pair_lossless_and_full_rollback_equal_big_greedy():
+def test_real_pair_lossless_and_full_rollback_equal_big_greedy(weights):
     """qwen2.5-coder-1.5b with its zoo little model (int8): both modes that promise the
     big model's output give it token for token, and the router picks bild-lossless for the pair."""
     from ragdec.pipelines.router import default_method
 
-    big = Generator.load("qwen2.5-coder-1.5b-instruct")
+    big = Generator.load(weights("qwen2.5-coder-1.5b-instruct"))
     assert default_method(big.name) == "bild-lossless"
     for prompt in ("Summarize in one sentence: The city council approved a new park on Monday.", "Who wrote Hamlet?"):
         ids = big.prompt_ids(prompt)

@@ -23,10 +23,8 @@ POLICY = Policy(semantic_threshold=0.80, near_threshold=0.55, guard="paraphrase"
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    from ragdec.retrieval.embedder import Embedder
-
-    return Embedder("all-minilm-l6-v2")
+def embedder(minilm):
+    return minilm
 
 
 @pytest.fixture
@@ -98,7 +96,6 @@ def test_margin_counts_only_entries_with_another_answer():
     assert decide(Policy(0.5, 0.3, margin=0.1, guard="specifics"), assessment).outcome == "semantic"
 
 
-@pytest.mark.real_model
 def test_near_hit_references_make_llma_copy_and_stay_lossless(cache, smollm2):
     answer = "The capital of France is Paris. Paris is also the largest city in France."
     cache.put("What is the capital of France?", answer, model=smollm2.name)

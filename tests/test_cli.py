@@ -242,12 +242,12 @@ def test_command_modules_import_no_other_command_module():
 # ---- end to end -----------------------------------------------------------------------------
 
 
-def test_generate_writes_text_tokens_and_stats(tmp_path, capsys):
+def test_generate_writes_text_tokens_and_stats(tmp_path, capsys, weights):
     out = tmp_path / "out.json"
     reference = tmp_path / "ref.txt"
     reference.write_text("The capital of France is Paris. Paris lies on the Seine.")
     code = main([
-        "generate", "--model", "smollm2-135m-instruct", "--method", "llma", "--prompt", "What is the capital of France?",
+        "generate", "--model", weights("smollm2-135m-instruct"), "--method", "llma", "--prompt", "What is the capital of France?",
         "--max-new-tokens", "12", "--reference-file", str(reference), "--json", str(out),
     ])
     assert code == 0
@@ -272,7 +272,7 @@ def test_models_list_shows_every_zoo_model(capsys):
         assert name in out
 
 
-def test_bench_runs_methods_against_baselines(tmp_path, capsys):
+def test_bench_runs_methods_against_baselines(tmp_path, capsys, weights):
     rag = tmp_path / "rag"
     rag.mkdir()
     records = [
@@ -282,7 +282,7 @@ def test_bench_runs_methods_against_baselines(tmp_path, capsys):
     (rag / "llma_msmarco.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "bench.json"
     code = main([
-        "bench", "rag", "--model", "smollm2-135m-instruct", "--data", str(tmp_path), "--limit", "2",
+        "bench", "rag", "--model", weights("smollm2-135m-instruct"), "--data", str(tmp_path), "--limit", "2",
         "--max-new-tokens", "10", "--methods", "hf-greedy,greedy,hf-prompt-lookup,llma:copy_k=4", "--json", str(out),
     ])
     assert code == 0

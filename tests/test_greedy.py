@@ -69,7 +69,6 @@ def test_prompt_too_long_is_a_clear_error(tiny_generator):
         tiny_generator.generate([5] * 500, GenerationParams(max_new_tokens=20))
 
 
-@pytest.mark.real_model
 def test_greedy_equals_generate_on_smollm2(smollm2):
     questions = [
         "What is the capital of France?",

@@ -79,13 +79,6 @@ def test_llma_copies_cut_at_eos_and_stop_strings(tiny_generator):
             assert (ours.token_ids, ours.text) == (expected.token_ids, expected.text)
 
 
-def test_llma_with_the_cost_model_equals_greedy(tiny_generator):
-    for prompt in random_prompts(len(tiny_generator.tokenizer), 6, seed=3):
-        expected = greedy(tiny_generator, prompt)
-        ours = llma(tiny_generator, prompt, [expected.text])
-        assert ours.token_ids == expected.token_ids
-
-
 def test_cost_model_drafts_only_what_pays():
     cost = ForwardCost((0.12, 0.14, 0.15, 0.17, 0.25))
     assert cost.best_draft_len(0.5, 4) == 2  # the docstring's example
@@ -107,7 +100,6 @@ def test_unknown_option_is_a_clear_error(tiny_generator):
         llma(tiny_generator, [5, 6], ["x"], trigger=3)
 
 
-@pytest.mark.real_model
 def test_llma_equals_greedy_on_smollm2(smollm2):
     passage = (
         "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "

@@ -139,14 +139,6 @@ def test_stream_interleaves_rows_and_adds_up(tiny_generator):
     assert texts == [g.text for g in pid_generate(tiny_generator, prompts, params)]
 
 
-def test_one_request_by_name_falls_back_to_greedy_and_llma(tiny_generator):
-    prompt = document_prompts(len(tiny_generator.tokenizer), 2, seed=8)[1]
-    expected = greedy(tiny_generator, prompt, 20)
-    for method in ("pid", "pid-llma"):
-        got = tiny_generator.generate(prompt, GenerationParams(max_new_tokens=20, method=method), [expected.text])
-        assert got.token_ids == expected.token_ids
-
-
 def test_unknown_batch_method_is_a_clear_error(tiny_generator):
     with pytest.raises(ValueError, match="pid decodes rows by"):
         pid_generate(tiny_generator, [[5, 6]], GenerationParams(method="bild"))

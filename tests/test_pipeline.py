@@ -5,7 +5,7 @@ smollm2-135m-instruct)."""
 from __future__ import annotations
 
 import pytest
-from test_retrieval_fixtures import minilm, sample_records, write_jsonl
+from retrieval_fixtures import sample_records, write_jsonl
 
 from ragdec.decoding.methods import GenerationParams
 from ragdec.pipelines.chat import ChatSession
@@ -145,22 +145,22 @@ def test_prefix_store_drops_the_least_recently_used(tiny_generator):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, minilm):
     from ragdec.retrieval.ingest import build
     from ragdec.retrieval.retriever import Retriever
 
     folder = tmp_path_factory.mktemp("store")
     source = write_jsonl(folder.parent / "sample.jsonl", sample_records(per_article=2))
-    build([source], folder / "docs.store", embedder=minilm(), progress=False)
-    with Retriever.open(folder / "docs.store", minilm()) as retriever:
+    build([source], folder / "docs.store", embedder=minilm, progress=False)
+    with Retriever.open(folder / "docs.store", minilm) as retriever:
         yield retriever
 
 
 @pytest.fixture
-def qa_cache(tmp_path):
+def qa_cache(tmp_path, minilm):
     from ragdec.cache.lookup import QACache
 
-    cache = QACache.open(tmp_path / "qa.sqlite", minilm())
+    cache = QACache.open(tmp_path / "qa.sqlite", minilm)
     yield cache
     cache.close()
 
@@ -312,7 +312,7 @@ def test_questions_about_one_document_are_answered_together_by_pid(smollm2):
     assert RagPipeline(smollm2, retriever=object())._groups(requests) == [[0], [1], [2]]
 
 
-def test_ask_several_questions_about_a_document(tmp_path, capsys):
+def test_ask_several_questions_about_a_document(tmp_path, capsys, weights):
     from ragdec.app.cli import main
 
     document = tmp_path / "story.txt"
@@ -320,7 +320,7 @@ def test_ask_several_questions_about_a_document(tmp_path, capsys):
     questions = tmp_path / "questions.txt"
     questions.write_text("What was the cat called?\n\nWhere was the lighthouse?\n", encoding="utf-8")
     code = main(["ask", "Who kept the lighthouse?", "--questions-file", str(questions), "--document", str(document),
-                 "--model", "smollm2-135m-instruct", "--no-cache", "--max-new-tokens", "16"])
+                 "--model", weights("smollm2-135m-instruct"), "--no-cache", "--max-new-tokens", "16"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.count("Q: ") == 3 and "Q: Where was the lighthouse?" in out

@@ -11,15 +11,15 @@ import pytest
 
 from ragdec.retrieval.embedder import DEFAULT_EMBEDDER, E5_PREFIXES
 
-from test_retrieval_fixtures import SAMPLE_QUESTIONS, e5, minilm, sample_records, write_jsonl
+from retrieval_fixtures import SAMPLE_QUESTIONS, sample_records, write_jsonl
 
 
-def test_e5_is_the_default_with_its_prefixes():
-    embedder = e5()
+def test_e5_is_the_default_with_its_prefixes(e5, minilm):
+    embedder = e5
     assert embedder.info.name == DEFAULT_EMBEDDER == "multilingual-e5-small"
     assert (embedder.info.query_prefix, embedder.info.passage_prefix) == (E5_PREFIXES["query"], E5_PREFIXES["passage"])
     assert embedder.info.dimension == 384 and embedder.info.version.startswith("sha256:")
-    assert (minilm().info.query_prefix, minilm().info.passage_prefix) == ("", "")
+    assert (minilm.info.query_prefix, minilm.info.passage_prefix) == ("", "")
 
     text = "The Rhine begins in the Swiss Alps."
     as_query = embedder.embed_queries([text])
@@ -34,17 +34,19 @@ def test_e5_is_the_default_with_its_prefixes():
     assert embedder.embed_passages([]).shape == (0, 384)
 
 
-def test_e5_question_to_question_similarity():
-    embedder = e5()
+def test_e5_question_to_question_similarity(e5):
+    embedder = e5
     a, b, c = embedder.embed_questions([
         "How do I reset my password?", "What are the steps to change my password?", "When was the Eiffel Tower built?"])
     assert float(a @ b) > float(a @ c) + 0.05
 
 
 @pytest.fixture(scope="module")
-def sample_store(tmp_path_factory):
+def sample_store(tmp_path_factory, weights):
     """The first 6 paragraphs of each sample article, built through the `ragdec index` parser."""
     from ragdec.app.cli_index import register
+
+    weights(DEFAULT_EMBEDDER)  # the command embeds with the default embedder
 
     root = tmp_path_factory.mktemp("cli")
     corpus = write_jsonl(root / "sample.jsonl", sample_records(6))
@@ -86,17 +88,17 @@ def test_cli_errors_say_what_to_do(sample_store, tmp_path):
         args.func(args)
 
 
-def test_langchain_embeddings():
+def test_langchain_embeddings(e5):
     from langchain_core.embeddings import Embeddings
     from langchain_core.vectorstores import InMemoryVectorStore
 
     from ragdec.retrieval.langchain import RagdecEmbeddings
 
-    embeddings = RagdecEmbeddings(e5())
+    embeddings = RagdecEmbeddings(e5)
     assert isinstance(embeddings, Embeddings)
     documents = embeddings.embed_documents(["The Rhine begins in the Swiss Alps.", "Warsaw is in Poland."])
     assert len(documents) == 2 and len(documents[0]) == 384
     query = np.array(embeddings.embed_query("Where is Warsaw?"))
-    assert float(query @ e5().embed_queries(["Where is Warsaw?"])[0]) > 0.9999
+    assert float(query @ e5.embed_queries(["Where is Warsaw?"])[0]) > 0.9999
     store = InMemoryVectorStore.from_texts(["The Rhine begins in the Swiss Alps.", "Warsaw is in Poland."], embeddings)
     assert store.similarity_search("Which river starts in the Alps?", k=1)[0].page_content.startswith("The Rhine")

@@ -16,12 +16,12 @@ from ragdec.retrieval.index import IndexFileError, IndexSpec, VectorIndex, choos
 from ragdec.retrieval.readers import ReadOptions, SkippedFile, discover, read_documents
 from ragdec.retrieval.store import DocumentStore, Passage, StoreFileError, content_hash, fts_query
 
-from test_retrieval_fixtures import minilm, write_mixed_corpus
+from retrieval_fixtures import write_mixed_corpus
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return minilm().tokenizer
+def tokenizer(minilm):
+    return minilm.tokenizer
 
 
 def unit_vectors(n: int, d: int = 32, seed: int = 0) -> np.ndarray:

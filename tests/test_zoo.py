@@ -84,6 +84,7 @@ def test_missing_package_gives_the_exact_pip_command(home, monkeypatch):
         files=("a/part01.bin", "b/part02.bin"),
     )
     monkeypatch.setitem(zoo.MODELS, "ghost", ghost)
+    monkeypatch.delenv(zoo.NO_WEIGHTS, raising=False)  # no weights behind this name to guard
     assert zoo.model_status("ghost") == "missing"
     with pytest.raises(zoo.ZooError) as error:
         zoo.prepare("ghost", progress=False)
@@ -92,6 +93,7 @@ def test_missing_package_gives_the_exact_pip_command(home, monkeypatch):
     assert not (home / "models" / "ghost").exists()
 
 
+@pytest.mark.usefixtures("weights")  # hashes smollm2's package
 @pytest.mark.parametrize("field, wrong", [("sha256", "0" * 64), ("size_bytes", 12345)])
 def test_source_mismatch_raises_and_leaves_nothing(home, monkeypatch, field, wrong):
     monkeypatch.setitem(zoo.MODELS, SMOLLM2, dataclasses.replace(zoo.MODELS[SMOLLM2], **{field: wrong}))
@@ -110,6 +112,7 @@ def test_damaged_part_is_named(tmp_path, home, monkeypatch):
     spec = fake_split_spec(tmp_path / "site", parts, installed=[parts[0], parts[1][:-1] + b"!"])
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setitem(zoo.MODELS, spec.name, spec)
+    monkeypatch.delenv(zoo.NO_WEIGHTS, raising=False)  # fake packages: no weights to guard
     assert zoo.model_status(spec.name) == "installed"
     with pytest.raises(zoo.ZooError) as error:
         zoo.prepare(spec.name, progress=False)
@@ -133,7 +136,7 @@ def test_embedder_is_not_a_causal_lm():
         zoo.load_causal_lm("multilingual-e5-small")
 
 
-@pytest.mark.real_model
+@pytest.mark.usefixtures("weights")  # prepares into the test's own $RAGDEC_HOME
 def test_smollm2_prepares_loads_and_generates(home):
     with pytest.raises(zoo.ZooError, match="ragdec models prepare"):
         zoo.resolve(SMOLLM2, prepare_missing=False)
