@@ -34,6 +34,11 @@ def cmd_bench(args) -> int:
 
         run_pid_bench(args.data, args.json, **given(model=args.model, methods=methods, limit=args.limit, max_new_tokens=args.max_new_tokens))
         return 0
+    if args.workload == "prefill-chunk":
+        from ragdec.bench.prefill_chunk import run_prefill_chunk_bench
+
+        run_prefill_chunk_bench(args.json, args.model, args.data)
+        return 0
     if args.workload == "server-load" and args.load:
         from ragdec.bench.server_batch import run_server_batch
 
@@ -92,9 +97,10 @@ def register(subparsers) -> None:
     bench.add_argument(
         "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat); pipeline workload "
         "(qa, chat-pipeline: methods greedy,llma by default); pid (many questions per document); or retrieval, or cache; "
-        "or server-load (ragdec serve under concurrent loopback clients)"
+        "or server-load (ragdec serve under concurrent loopback clients; --load rag|chat: once per --max-batch); "
+        "or prefill-chunk (what a chunked prefill costs against a decode step)"
     )
-    bench.add_argument("--model", help=f"the answer model (default {DEFAULT_MODEL}; server-load: smollm2-135m-instruct)")
+    bench.add_argument("--model", help=f"the answer model (default {DEFAULT_MODEL}; server-load without --load: smollm2-135m-instruct)")
     bench.add_argument(
         "--methods",
         help=f"comma-separated (default {','.join(DECODING_METHODS)}; qa and chat-pipeline: greedy,llma; pid: its five); "
