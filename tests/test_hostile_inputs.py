@@ -357,3 +357,26 @@ def test_max_file_mb_reaches_the_reader(tmp_path, monkeypatch):
     assert given["read_options"].max_file_bytes == 512 * 1024
     main(["index", "build", str(tmp_path), "--store", str(tmp_path / "store")])
     assert given["read_options"].max_file_bytes == readers.MAX_FILE_MB * 1024 * 1024
+
+
+def test_a_long_chat_session_sends_its_newest_turns_within_the_limits():
+    from ragdec.pipelines.chat import ChatSession
+    from ragdec.pipelines.types import Chunk
+
+    class Recorder:
+        def __init__(self):
+            self.requests = []
+
+        def stream(self, requests):
+            self.requests += requests
+            yield Chunk(0, "fine", "stop")
+
+    recorder = Recorder()
+    chat = ChatSession(recorder, system="be brief")
+    chat.messages = [{"role": r, "content": f"{r} {i} " + "w" * 50} for i in range(3_000) for r in ("user", "assistant")]
+    assert "".join(c.text for c in chat.ask("and now?")) == "fine"
+    sent = recorder.requests[0].messages
+    limits.check_limits(recorder.requests[0])  # within every limit
+    assert sent[0]["role"] == "system" and sent[1]["role"] == "user" and sent[-1]["content"] == "and now?"
+    assert sent[-2] == chat.messages[-3]  # the newest turn before the question (now followed by its answer)
+    assert len(chat.messages) == 6_002  # the session itself keeps everything

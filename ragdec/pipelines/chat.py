@@ -8,6 +8,7 @@ from typing import Iterator
 
 from ragdec.decoding.methods import GenerationParams
 
+from .limits import MAX_MESSAGES, MAX_REQUEST_CHARS, newest_turns
 from .types import AUTO, AnswerInfo, Chunk, Pipeline, Request
 
 
@@ -36,7 +37,11 @@ class ChatSession:
     def ask(self, question: str, **params) -> Iterator[Chunk]:
         """Stream the answer to ``question``; the turn joins the history when it ends well."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        messages = [*head, *self.messages, {"role": "user", "content": question}]
+        question_message = {"role": "user", "content": question}
+        # a long conversation sends its newest turns within the request limits
+        room = MAX_REQUEST_CHARS - sum(len(m["content"]) for m in (*head, question_message))
+        history = newest_turns(self.messages, MAX_MESSAGES - len(head) - 1, room)
+        messages = [*head, *history, question_message]
         request = Request(messages, params=replace(self.params, **params))
         texts = []
         for chunk in self.pipeline.stream([request]):

@@ -11,8 +11,10 @@ to change.
 
 from __future__ import annotations
 
-from .prompts import RequestError
-from .types import Request
+from typing import Sequence
+
+from .prompts import RequestError, history_cuts
+from .types import Message, Request
 
 # 500 turn pairs: the default prompt (3,072 tokens) shows the last few dozen, so a longer
 # conversation is better trimmed by the client than sent whole to be indexed
@@ -63,3 +65,21 @@ def check_limits(request: Request) -> None:
     longest = max((len(s) for s in stop), default=0)
     if longest > MAX_STOP_CHARS:
         raise RequestError(f"a stop string of {longest:,} characters, over the limit of {MAX_STOP_CHARS}: shorten it")
+
+
+def newest_turns(history: Sequence[Message], messages: int, chars: int) -> list[Message]:
+    """The newest whole turns of ``history`` that fit in ``messages`` messages and ``chars``
+    characters: what a client keeping a long conversation sends (the prompt would drop the
+    older turns anyway, oldest first, by the same turns).
+
+    Example: 3 turn pairs of 10-character messages, ``messages=5``, ``chars=1000`` -> the
+    last 2 pairs (4 messages; the third pair would make 6).
+    """
+    cuts = history_cuts(history)
+    kept, used = len(history), 0
+    for start, end in zip(reversed(cuts[:-1]), reversed(cuts[1:])):  # turns, newest first
+        used += sum(len(m["content"]) for m in history[start:end])
+        if len(history) - start > messages or used > chars:
+            break
+        kept = start
+    return list(history[kept:])
