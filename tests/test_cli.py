@@ -162,7 +162,7 @@ def test_help_states_the_defaults_of_the_layers_that_own_them(capsys, monkeypatc
     bench = help_text(["bench", "rag"], capsys, monkeypatch)
     assert f"{BenchConfig.max_new_tokens} for decoding" in flag_line(bench, "--max-new-tokens")
     assert f"{MAX_NEW_TOKENS} for server-load" in flag_line(bench, "--max-new-tokens")
-    assert f"server-load: {MODEL}" in flag_line(bench, "--model")
+    assert f"server-load without --load: {MODEL}" in flag_line(bench, "--model")
     for flag, default in (("--warmup", BenchConfig.warmup), ("--prompt-lookup-num-tokens", BenchConfig.prompt_lookup_num_tokens),
                           ("--max-matching-ngram-size", BenchConfig.max_matching_ngram_size), ("--turns", CHAT_TURNS),
                           ("--clients", CLIENTS), ("--requests-per-client", REQUESTS_PER_CLIENT)):

@@ -124,9 +124,9 @@ def register(subparsers) -> None:
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, help="qa: passages retrieved per question (default 5)")
     bench.add_argument("--turns", type=int, help="chat-pipeline: questions asked per CoQA story (default 5)")
-    bench.add_argument("--clients", type=int, help="server-load: concurrent clients (default 20)")
+    bench.add_argument("--clients", type=int, help="server-load: concurrent clients (default 20); with --load, 16")
     bench.add_argument("--requests-per-client", "--requests", type=int, dest="requests_per_client",
-                       help="server-load: requests each client sends (default 10; --load: 4)")
+                       help="server-load: requests each client sends (default 10); with --load, 4")
     bench.add_argument("--load", choices=("rag", "chat"), help="server-load: SQuAD questions over a store, or CoQA "
                        "conversations with kept history, once per --max-batch value (default: the smollm2 load)")
     bench.add_argument("--max-batch", metavar="N,N", help="server-load --load: the server's batch sizes to compare (default 1,8)")
