@@ -158,7 +158,6 @@ class Generator:
         from .engine import DEFAULT_PREFILL_CHUNK, BatchEngine
 
         self.stop_batching()
-        self.prefixes.capacity = max(self.prefixes.capacity, 2 * max_batch)  # one history per live chat, and spares
         chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         self.engine = BatchEngine(self.model, max_batch, chunk, self.model_lock)
         return self.engine
