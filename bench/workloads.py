@@ -8,11 +8,12 @@ it is never copied into the repository, which holds only the small samples the t
 from __future__ import annotations
 
 import ast
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+from ragdec import files
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,10 @@ def data_dir(explicit: str | None = None) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a data file (``ragdec.files.read_jsonl``), or what to pass when it is missing."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass --data DIR pointing at the evaluation data")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return files.read_jsonl(path)
 
 
 def rag_prompt(query: str, passages: Sequence[str]) -> str:
