@@ -26,9 +26,10 @@ from typing import Callable, Iterator
 from .loop import BatchDecoder, Row
 from .seam import Block
 
-# prompt tokens a joining row reads per step while others decode: on 2 cores (qwen 0.5B,
-# float32) a chunk of 128 costs about 0.5 s, a few decode steps' worth, and reads prompts
-# at ~90% of a whole-prompt prefill's speed (bench/results/prefill_chunk.json)
+# prompt tokens a joining row reads per step while others decode: the largest chunk that
+# holds a batch of 8 back for at most 4 of its steps, measured on 2 cores with qwen 0.5B in
+# float32 (``ragdec bench prefill-chunk``, bench/results/prefill_chunk.json); smaller
+# chunks read prompts markedly slower
 DEFAULT_PREFILL_CHUNK = 128
 
 
