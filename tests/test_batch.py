@@ -206,3 +206,27 @@ def test_batched_rows_equal_alone_on_smollm2(smollm2):
     ours = run_steps(smollm2, requests, [0, 0, 2, 3, 7], prefill_chunk=16)
     for i, (prompt, params, references) in enumerate(requests):
         assert_equal(ours[i], alone(smollm2, prompt, params, references), f"request {i}")
+
+
+def test_a_conversation_keeps_one_history_and_a_shared_prefix_stays(tiny_generator):
+    """Turn after turn a conversation's kept history replaces the one it grew from, so
+    many live conversations fit the store; a prefix that several requests used stays."""
+    from ragdec.decoding.kv import PrefixStore
+
+    generator = Generator(tiny_generator.model, tiny_generator.tokenizer, name="tiny-prefixes")
+    generator.prefixes = PrefixStore(capacity=4)
+    params = GenerationParams(max_new_tokens=3)
+    system = [5, 6, 7, 8]
+    for conversation in range(3):  # the system prompt is kept by the first and used by the rest
+        generator.generate(system + [20 + conversation], params, prefix_len=len(system))
+    histories = {c: system + [30 + c, 31] for c in range(3)}
+    for turn in range(4):
+        for c, history in histories.items():
+            answer = generator.generate(history + [40 + c], params, prefix_len=len(history))
+            # from the second turn on, the prompt starts from the history kept by the turn before
+            kept_before = len(history) - 2 if turn > 0 else len(system)
+            assert answer.stats.reused_prompt_tokens == kept_before, (turn, c)
+            histories[c] = history + [40 + c, *answer.token_ids[:1]]
+    # one entry per conversation and the shared system prompt: nothing was evicted
+    assert len(generator.prefixes) == 4
+    assert generator.prefixes.longest(system + [99])[1] == len(system)

@@ -47,21 +47,30 @@ class PrefixStore:
     Example: prompts A = [s1 s2 s3 q1 q2] and B = [s1 s2 s3 r1] with ``prefix_len`` 3:
     A's prefill runs over [s1 s2 s3], keeps a copy, then runs over [q1 q2]; B starts from
     a copy of the kept cache and runs over [r1] only.
+
+    A conversation's next turn extends its kept history: the shorter entry it grew from
+    is dropped then, unless more than one request has used it (a system prompt that every
+    request shares stays). So a conversation holds one entry, not one per turn, and many
+    live conversations fit: with turns [s h1] then [s h1 h2], [s h1] goes when
+    [s h1 h2] is kept, while [s], used by every conversation, stays.
     """
 
-    # a server keeps one history per live conversation: 16 covers two batches of 8 (a
-    # 600-token prefix of qwen 0.5B holds about 15 MB of float32 KV)
-    def __init__(self, capacity: int = 16):
+    # a server keeps one history per live conversation: 24 covers the conversations of
+    # two batches of 8 and their shared system prompts (a 600-token prefix of qwen 0.5B
+    # holds about 15 MB of float32 KV)
+    def __init__(self, capacity: int = 24):
         from collections import OrderedDict
 
         self.capacity = capacity
         self._entries: "OrderedDict[tuple[int, ...], object]" = OrderedDict()
+        self._uses: dict[tuple[int, ...], int] = {}  # requests that started from each entry
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._uses.clear()
 
     def longest(self, tokens) -> tuple[object | None, int]:
         """The kept cache of the longest kept prefix of ``tokens`` (a copy) and its length;
@@ -73,6 +82,7 @@ class PrefixStore:
         if best is None:
             return None, 0
         self._entries.move_to_end(best)
+        self._uses[best] = self._uses.get(best, 0) + 1
         return copy_cache(self._entries[best]), len(best)
 
     def keep(self, tokens, cache) -> None:
@@ -80,7 +90,12 @@ class PrefixStore:
         if self.capacity <= 0 or not tokens:
             return
         key = tuple(tokens)
+        grown_from = [k for k in self._entries if len(k) < len(key) and key[: len(k)] == k and self._uses.get(k, 0) <= 1]
+        for shorter in grown_from:
+            del self._entries[shorter]
+            self._uses.pop(shorter, None)
         self._entries[key] = copy_cache(cache)
         self._entries.move_to_end(key)
         while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            dropped, _ = self._entries.popitem(last=False)
+            self._uses.pop(dropped, None)
