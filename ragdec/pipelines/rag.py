@@ -13,12 +13,14 @@ question is rewritten with its context for retrieval.
         v
     decoder (router: llma when there is anything to copy), streamed
         v
-    answer written back to the cache (standalone questions over the store only)
+    answer written back to the cache (standalone questions over the store only), before
+    its last chunk: a failed write is logged and told in ``info.warnings``, the answer stands
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
@@ -31,6 +33,8 @@ from .router import Router, default_method
 from .types import AUTO, AnswerInfo, Chunk, Request
 
 BATCH_METHODS = frozenset({"pid", "pid-llma"})  # methods that answer a group of requests at once
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,6 +167,12 @@ class RagPipeline:
                     if chunk.text:
                         yield Chunk(index, chunk.text)
                     continue
+                # 5. write back, for the next asker: before the last chunk, so that a failed
+                # write is told with the answer instead of failing it after it was sent
+                warnings = ()
+                answer = "".join(texts).strip()
+                if self.cache is not None and standalone and settings.cache_answers and answer and chunk.finish_reason == "stop":
+                    warnings = self._write_back(question, answer)
                 seconds = time.perf_counter() - started
                 stats = chunk.stats
                 info = AnswerInfo(
@@ -171,16 +181,21 @@ class RagPipeline:
                     retrieval_s=retrieval_s,
                     tokens_per_s=stats.new_tokens / seconds if seconds > 0 else 0.0,
                     dropped_turns=prompt.dropped_turns,
+                    warnings=warnings,
                 )
                 yield Chunk(index, chunk.text, chunk.finish_reason, stats, info)
         except ValueError as error:  # an unknown method, a prompt over the model's context
             yield _error(index, str(error), outcome)
             return
 
-        # 5. write back, for the next asker
-        answer = "".join(texts).strip()
-        if self.cache is not None and standalone and settings.cache_answers and answer and chunk.finish_reason == "stop":
+    def _write_back(self, question: str, answer: str) -> tuple[str, ...]:
+        """Cache ``answer``; what went wrong, if it failed (the answer is good all the same)."""
+        try:
             self.cache.put(question, answer, model=self.generator.name, store_version=self.store_version)
+        except Exception as error:  # noqa: BLE001 - a full disk or a locked database must not fail the answer
+            log.warning("the answer to %r was not written to the QA cache: %s: %s", question[:80], type(error).__name__, error)
+            return (f"the answer was not written to the QA cache ({type(error).__name__}: {error})",)
+        return ()
 
     # ---- a group sharing one document: PiD ----------------------------------------------
 
