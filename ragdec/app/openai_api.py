@@ -9,12 +9,20 @@ Sampling: ragdec decodes greedily (its copy decoders are lossless only then). A 
 ``temperature``, ``top_p``, penalties and ``seed`` are accepted, since chat clients send
 them by default, and listed under ``ragdec.ignored`` when they would have changed a
 sampled answer; ``n`` > 1 returns n copies of the one greedy answer.
+
+A body is bytes before it is a dict: ``parse_body`` refuses, with a 400, what would make
+parsing costly or a later step fail (deep nesting, numbers of thousands of digits, lone
+UTF-16 surrogates), in time linear in the body.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
+from array import array
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -25,6 +33,26 @@ from ragdec.pipelines.types import Chunk, Request
 MAX_N = 16  # copies of one greedy answer; more is a client bug
 MAX_STOP = 4  # as OpenAI
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+# an OpenAI chat body nests 5 deep (body, messages, a message, its content parts, a part);
+# 32 leaves room for clients' extra fields, far below what Python's parser recurses to
+MAX_JSON_DEPTH = 32
+# a 64-bit integer has 19 digits and a double's shortest form at most 24 characters; a
+# longer number is a mistake or an attack (int() refuses 4,300 digits, with a ValueError)
+MAX_NUMBER_CHARS = 40
+
+# What one connection may take by default (``ragdec serve``'s flags; here rather than in
+# server.py so that the command line shows them without importing FastAPI):
+# the request limits (ragdec/pipelines/limits.py) allow 200,000 characters of text, at
+# most 800 KB as UTF-8; JSON's framing around them is small
+DEFAULT_MAX_BODY_KB = 1024
+# headers' end to body's end: 1 MB in 30 s is 270 kbit/s, slower than any working link
+DEFAULT_BODY_TIMEOUT = 30.0
+# a connection's start (or a next request's first byte) to the end of its headers; real
+# clients send their headers in one packet
+DEFAULT_HEADER_TIMEOUT = 10.0
+# the default queue (64) and batch (8) with room for /health probes and idle keep-alives
+DEFAULT_MAX_CONNECTIONS = 128
 
 
 class ApiError(Exception):
@@ -50,6 +78,104 @@ class ChatCall:
     ignored: tuple[str, ...] = ()  # sampling fields that greedy decoding left unused
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+# ---- request bodies ---------------------------------------------------------------------
+
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_STRING = re.compile(rb'"[^"]*"')  # once escapes are gone; linear: only the last quote can fail
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape, maybe half of a pair
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _BadNumber(ValueError):
+    """A number the body may not hold (raised from inside ``json.loads``)."""
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in JSON text ``raw``, counted without parsing (so
+    without recursion) in passes at C speed: escaped backslashes and quotes go, then the
+    strings between the remaining quotes, and the brackets left are summed as +1 / -1.
+
+    Example: ``{"a": [1, {"b": "[[["}]}`` -> 3 (the brackets in the string do not count; nor
+    would an escaped quote in it end the string early).
+    """
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = _STRING.sub(b"", text).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= 1:
+        return len(brackets)
+    return max(accumulate(array("b", brackets.translate(_BRACKET_STEPS))))
+
+
+def _number(convert):
+    def parse(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise _BadNumber(f"the body holds a number of {len(text):,} characters, over the limit of {MAX_NUMBER_CHARS}")
+        return convert(text)
+
+    return parse
+
+
+def _no_constant(name: str):
+    raise _BadNumber(f"the body holds {name}, which is not JSON: send numbers")
+
+
+def lone_surrogate_path(value: Any) -> str | None:
+    """The parameter (``messages.[0].content``) of the first string or key in ``value``
+    that holds a lone UTF-16 surrogate, or None; walked with a stack, not recursion.
+
+    Example: ``lone_surrogate_path({"messages": [{"content": "hi \\ud800"}]})`` ->
+    ``"messages.[0].content"``.
+    """
+    stack = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path or "(the body)"
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                if shown != key:
+                    return f"{path}.{shown}" if path else shown
+                stack.append((f"{path}.{key}" if path else key, child))
+        elif isinstance(item, list):
+            stack.extend((f"{path}.[{i}]", child) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def parse_body(raw: bytes) -> Any:
+    """A request body's JSON. Refused with a 400 (code "invalid_json", or "invalid_unicode"
+    naming the parameter): text that is not UTF-8 JSON, nesting deeper than
+    ``MAX_JSON_DEPTH``, a number longer than ``MAX_NUMBER_CHARS``, NaN or Infinity, and a
+    string with a lone surrogate (``"\\ud800"`` parses, but no text can be encoded with it:
+    the cache key, the tokenizer and the response would fail on it later). The depth is
+    counted before parsing, so parsing never recurses far; every step is linear.
+
+    Example: ``parse_body(b'{"max_tokens": 1' + b'0' * 5000 + b'}')`` -> ApiError 400, "the
+    body holds a number of 5,001 characters, over the limit of 40".
+    """
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, f"the body is not UTF-8 ({error}): send JSON in UTF-8", None, "invalid_json") from None
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the body nests arrays and objects {depth:,} deep, over the limit of {MAX_JSON_DEPTH}",
+                       None, "invalid_json")
+    try:
+        body = json.loads(text, parse_int=_number(int), parse_float=_number(float), parse_constant=_no_constant)
+    except _BadNumber as error:
+        raise ApiError(400, str(error), None, "invalid_json") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise ApiError(400, f"the body is not valid JSON ({error}): send a JSON object", None, "invalid_json") from None
+    if _SURROGATE_ESCAPE.search(text):  # else no string can hold a surrogate: skip the walk
+        path = lone_surrogate_path(body)
+        if path is not None:
+            raise ApiError(400, f"'{path}' holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape): "
+                           "send valid Unicode text", path, "invalid_unicode")
+    return body
 
 
 # ---- requests ---------------------------------------------------------------------------
@@ -80,7 +206,7 @@ def _messages(raw: Any) -> list[dict]:
         role = message.get("role")
         if role in ("tool", "function"):
             raise ApiError(400, f"messages[{i}]: ragdec has no tool calling; send system, user and assistant messages", f"messages.[{i}].role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of system, user, assistant (got {role!r})", f"messages.[{i}].role")
         messages.append({"role": ROLES[role], "content": _text(message.get("content"), i)})
     try:
@@ -215,8 +341,6 @@ def completion_body(call: ChatCall, text: str, last: Chunk, queue_seconds: float
 
 def chunk_event(call: ChatCall, choices: Sequence[dict], **extra) -> str:
     """One server-sent event of a ``chat.completion.chunk``."""
-    import json
-
     body = {"id": call.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model,
             "system_fingerprint": None, "choices": list(choices), **extra}
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -247,6 +371,4 @@ def final_events(call: ChatCall, last: Chunk, queue_seconds: float) -> list[str]
 
 def error_event(error: ApiError) -> str:
     """An error after the stream began (the status line is already sent)."""
-    import json
-
     return f"data: {json.dumps(error.body)}\n\n"
