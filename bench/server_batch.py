@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from .server_load import REQUEST_TIMEOUT_S, free_port, percentiles, settled_health, start_server
+from .server_load import REQUEST_TIMEOUT_S, delta_text, free_port, percentiles, settled_health, sse_events, start_server
 from .workloads import data_dir, read_jsonl
 
 LOADS = ("rag", "chat")
@@ -84,20 +84,15 @@ def stream_request(port: int, model: str, messages: list[dict], max_new_tokens: 
         if response.status != 200:
             return {"status": response.status, "error": response.read().decode(errors="replace")[:300]}
         texts, first, done, extra, usage = [], None, False, {}, {}
-        for line in response:
-            line = line.decode().strip()
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+        for event in sse_events(response):
+            if event is None:
                 done = True
                 break
-            event = json.loads(line[6:])
             if "error" in event:
                 return {"status": 200, "error": event["error"].get("message", ""), "done": False}
-            for choice in event.get("choices", []):
-                if choice["delta"].get("content"):
-                    first = first or time.perf_counter()
-                    texts.append(choice["delta"]["content"])
+            if text := delta_text(event):
+                first = first or time.perf_counter()
+                texts.append(text)
             extra = event.get("ragdec", extra)
             usage = event.get("usage") or usage
         return {"status": 200, "text": "".join(texts), "seconds": time.perf_counter() - started,

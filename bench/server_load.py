@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from ragdec.files import read_jsonl
 
@@ -95,6 +96,22 @@ def start_server(port: int, model: str, serve_args: list[str]) -> subprocess.Pop
     raise RuntimeError("ragdec serve did not answer /health within 300 s")
 
 
+def sse_events(response) -> Iterator[dict | None]:
+    """The parsed ``data:`` events of a server-sent stream; None for its closing [DONE]."""
+    for line in response:
+        line = line.decode().strip()
+        if line == "data: [DONE]":
+            yield None
+            return
+        if line.startswith("data: "):
+            yield json.loads(line[6:])
+
+
+def delta_text(event: dict) -> str:
+    """The content an event of a streamed chat completion adds."""
+    return "".join(choice["delta"].get("content") or "" for choice in event.get("choices", []))
+
+
 def ask(port: int, model: str, question: str, stream: bool, max_new_tokens: int) -> dict:
     """One request: status, text, id, latency (and time to the first content when streamed)."""
     body = {"model": model, "messages": [{"role": "user", "content": question}],
@@ -111,19 +128,14 @@ def ask(port: int, model: str, question: str, stream: bool, max_new_tokens: int)
             return {"status": 200, "text": answer["choices"][0]["message"]["content"], "ids": {answer["id"]},
                     "seconds": time.perf_counter() - started, "queue_s": answer["ragdec"]["queue_s"], "done": True}
         texts, ids, first, done, queue_s = [], set(), None, False, None
-        for line in response:
-            line = line.decode().strip()
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
+        for event in sse_events(response):
+            if event is None:
                 done = True
                 break
-            event = json.loads(line[6:])
             ids.add(event.get("id"))
-            for choice in event.get("choices", []):
-                if choice["delta"].get("content"):
-                    first = first or time.perf_counter()
-                    texts.append(choice["delta"]["content"])
+            if text := delta_text(event):
+                first = first or time.perf_counter()
+                texts.append(text)
             if "ragdec" in event:
                 queue_s = event["ragdec"]["queue_s"]
         return {"status": 200, "text": "".join(texts), "ids": ids, "seconds": time.perf_counter() - started,

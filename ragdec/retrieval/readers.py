@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -97,18 +98,25 @@ def _walk(folder: Path, skipped: list[tuple[str, str]]) -> Iterable[Path]:
                 yield target
 
 
+@contextmanager
+def _file_errors_as_skips():
+    """A file gone or unreadable becomes ``SkippedFile`` with the reason."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise SkippedFile("no longer exists (removed while the run went on?)") from None
+    except OSError as error:
+        raise SkippedFile(f"cannot read ({error.strerror})") from None
+
+
 def check_file(path: Path, options: ReadOptions = ReadOptions()) -> os.stat_result:
     """The ``stat`` of a regular file no larger than ``options.max_file_bytes``.
 
     Raises:
         SkippedFile: the file is gone, not a regular file, unreadable or over the size cap.
     """
-    try:
+    with _file_errors_as_skips():
         info = path.stat()
-    except FileNotFoundError:
-        raise SkippedFile("no longer exists (removed while the run went on?)") from None
-    except OSError as error:
-        raise SkippedFile(f"cannot read ({error.strerror})") from None
     if not stat.S_ISREG(info.st_mode):
         raise SkippedFile("not a file (a folder, device or pipe with a file's name)")
     if info.st_size > options.max_file_bytes:
@@ -275,12 +283,8 @@ def read_documents(path: Path, options: ReadOptions = ReadOptions()) -> tuple[li
     suffix = path.suffix.lower()
     if suffix == ".pdf":
         return read_pdf(path, options), []
-    try:
+    with _file_errors_as_skips():
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SkippedFile("no longer exists (removed while the run went on?)") from None
-    except OSError as error:
-        raise SkippedFile(f"cannot read ({error.strerror})") from None
     if suffix == ".jsonl":
         return read_jsonl(path, raw, options)
     return read_text_file(path, raw, options), []
