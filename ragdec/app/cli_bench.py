@@ -29,6 +29,11 @@ def cmd_bench(args) -> int:
 
         run_cache_bench(args.data, args.json)
         return 0
+    if args.workload == "cag-near":
+        from ragdec.bench.cag_near import run_cag_near_bench
+
+        run_cag_near_bench(args.data, args.json, **given(model=args.model, pairs=args.limit, max_new_tokens=args.max_new_tokens))
+        return 0
     if args.workload == "pid":
         from ragdec.bench.pid import run_pid_bench
 
@@ -98,7 +103,8 @@ def register(subparsers) -> None:
         "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat); pipeline workload "
         "(qa, chat-pipeline: methods greedy,llma by default); pid (many questions per document); or retrieval, or cache; "
         "or server-load (ragdec serve under concurrent loopback clients; --load rag|chat: once per --max-batch); "
-        "or prefill-chunk (what a chunked prefill costs against a decode step)"
+        "or prefill-chunk (what a chunked prefill costs against a decode step); or cag-near (duplicate "
+        "questions: the QA cache's near hits as llma's references, greedy vs llma; --limit: pairs, default 40)"
     )
     bench.add_argument("--model", help=f"the answer model (default {DEFAULT_MODEL}; server-load without --load: smollm2-135m-instruct)")
     bench.add_argument(

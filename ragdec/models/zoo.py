@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from ragdec.files import durable_rename, write_json
+from ragdec.files import atomic_path, durable_rename, write_json
 
 from .home import ragdec_home
 
@@ -401,6 +401,8 @@ def prepare(name: str, progress: bool = True) -> Path:
             else:
                 _stream_source(spec, paths, gguf, progress)
             _gguf_to_folder(gguf, out_dir, progress)
+            if len(paths) > 1 and not _joined_gguf_ok(spec):  # kept for engines that read GGUF
+                durable_rename(gguf, _joined_gguf(name))
             shutil.rmtree(gguf.parent)
         elif spec.source_format == "e5s1":
             from .e5s1 import write_sentence_transformers_folder
@@ -421,6 +423,43 @@ def prepare(name: str, progress: bool = True) -> Path:
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return final
+
+
+def gguf_file(name: str, progress: bool = True) -> Path:
+    """The verified GGUF source of zoo model ``name``, for engines that read GGUF (llama.cpp
+    runs the very weights that ragdec's float32 folder was dequantized from).
+
+    A one-file source is the installed package file, hashed on each call (about 1 s per
+    500 MB). A split source is joined once into ``models/<name>.gguf`` (hashed as it
+    streams, written atomically) and kept; ``prepare`` keeps the one it joins.
+
+    Raises:
+        ZooError: unknown name, not a GGUF model, packages missing, damaged source.
+    """
+    spec = _spec(name)
+    if spec.source_format != "gguf":
+        raise ZooError(f"{name} has no GGUF source (its weights come as {spec.source_format})")
+    _refuse_if_no_weights(name)
+    if _joined_gguf_ok(spec):
+        return _joined_gguf(name)
+    paths = _source_files(spec)
+    if len(paths) == 1:
+        _stream_source(spec, paths, None, progress)
+        return paths[0]
+    with atomic_path(_joined_gguf(name)) as joined:
+        _stream_source(spec, paths, joined, progress)
+    return _joined_gguf(name)
+
+
+def _joined_gguf(name: str) -> Path:
+    return _model_dir(name).parent / f"{name}.gguf"
+
+
+def _joined_gguf_ok(spec: ModelSpec) -> bool:
+    """Whether a split source's joined file is in place, whole (its size; it was hashed as it
+    was written, and ``ragdec models verify`` is where bytes get re-checked)."""
+    joined = _joined_gguf(spec.name)
+    return len(spec.packages) > 1 and joined.is_file() and joined.stat().st_size == spec.size_bytes
 
 
 def _write_manifest(spec: ModelSpec, out_dir: Path) -> None:
