@@ -83,8 +83,8 @@ def test_a_save_that_reads_back_wrong_is_not_committed(first_generation, minilm)
         # the counts still agree, the ids do not: a vector for a passage that is not stored
         victim = retriever.documents.all_ids()[0]
         vector = retriever.embed_passages([""], ["a stray vector"])
-        retriever.index.remove([victim])
-        retriever.index.add([10**9], vector)
+        retriever.backend.index.remove([victim])
+        retriever.backend.index.add([10**9], vector)
         with pytest.raises(StoreError, match="nothing was committed"):
             retriever.save()
         assert retriever.documents.all_ids()  # still writable, as before the save

@@ -118,7 +118,7 @@ def test_unsaved_or_crashed_writes_leave_the_previous_index(built, tmp_path, min
         writer.add_texts(["A passage that is never saved."])
         assert len(writer) == before.passages + 1
         # a crash between writing the next generation's files and the manifest
-        writer.index.save(folder / f"index.{before.generation + 1}.faiss")
+        writer.backend.index.save(folder / f"index.{before.generation + 1}.faiss")
         with pytest.raises(StoreError, match="being written by another process"):
             Retriever.open_for_writing(folder, minilm)
         with Retriever.open(folder, minilm) as reader:  # readers are never blocked
@@ -158,7 +158,7 @@ def test_rebuild_and_index_kind_change(tmp_path, minilm):
     manifest = read_manifest(folder)
     assert manifest.index["kind"] == "ivf" and manifest.generation == 2  # settings alone trigger a save
     with Retriever.open(folder, minilm) as retriever:
-        assert retriever.index.spec.kind == "ivf" and retriever.index.nprobe == 1  # nlist 1 for 7 passages
+        assert retriever.backend.index.spec.kind == "ivf" and retriever.backend.index.nprobe == 1  # nlist 1 for 7 passages
         assert retriever.search("Where does the Rhine begin?", k=1)[0].title == "Rhine"
     report = build([docs], folder, embedder=minilm, rebuild=True, progress=False)
     assert report.passages_added == 7 and read_manifest(folder).index["kind"] == "flat"

@@ -1,6 +1,7 @@
 """`ragdec index build|search`: build a store folder from files, search it.
 
     ragdec index build docs/ notes.md --store docs.store
+    ragdec index build docs/ --store docs.store --qdrant http://qdrant:6333    # vectors in Qdrant
     ragdec index search --store docs.store "how do I rotate the keys?" -k 5 --mode hybrid
 
 ``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
@@ -32,6 +33,7 @@ def cmd_index_build(args) -> int:
     from pathlib import Path
 
     from ragdec.decoding.generator import configure_threads
+    from ragdec.retrieval.backends import location
     from ragdec.retrieval.ingest import build
     from ragdec.retrieval.persistence import read_manifest
     from ragdec.retrieval.readers import ReadOptions
@@ -40,6 +42,13 @@ def cmd_index_build(args) -> int:
     store = Path(args.store).expanduser()
     if store.exists() and not store.is_dir():
         raise ValueError(f"--store {store} is a file; give a folder (it is created if missing)")
+    qdrant = None
+    if args.qdrant:
+        from ragdec.retrieval.qdrant_store import QdrantTarget
+
+        qdrant = QdrantTarget.for_store(args.qdrant, store, args.collection)
+    elif args.collection:
+        raise ValueError("--collection names a Qdrant collection: give --qdrant URL with it")
     manifest = read_manifest(store) if store.is_dir() else None
     settings = _settings(args, manifest.settings if manifest else None)
     options = ReadOptions(**given(
@@ -48,12 +57,13 @@ def cmd_index_build(args) -> int:
     ))
     report = build(
         args.paths, store, embedder=args.model, settings=settings, rebuild=args.rebuild,
-        read_options=options, progress=not args.quiet, prune=args.prune,
+        read_options=options, progress=not args.quiet, prune=args.prune, qdrant=qdrant,
     )
     print(report.summary(), file=sys.stderr)
     final = read_manifest(store)
     if final is not None:
-        print(f"{store}: {final.passages} passages, {final.index['kind']} index, embedder {final.embedder['name']}")
+        print(f"{store}: {final.passages} passages, {final.index['kind']} index, embedder {final.embedder['name']}; "
+              f"{location(final.backend)}")
     if args.json:
         payload = dataclasses.asdict(report) | {"passages_per_s": round(report.passages_per_s, 2)}
         write_json(payload | {"store": str(store), "manifest": dataclasses.asdict(final) if final else None}, args.json)
@@ -87,7 +97,7 @@ def cmd_index_search(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``index`` (``build``, ``search``) to an argparse subparsers object."""
-    index = subparsers.add_parser("index", help="build and search a document index (E5 + FAISS + SQLite)")
+    index = subparsers.add_parser("index", help="build and search a document index (E5 + FAISS or Qdrant + SQLite)")
     actions = index.add_subparsers(dest="action", required=True)
 
     build = actions.add_parser(
@@ -98,6 +108,10 @@ def register(subparsers) -> None:
     build.add_argument("--model", help="embedder: zoo name, folder or hub id (default: the store's, "
                        "else multilingual-e5-small)")
     build.add_argument("--rebuild", action="store_true", help="start from an empty store (e.g. to change embedder)")
+    build.add_argument("--qdrant", metavar="URL", help="keep vectors and passages in a Qdrant collection that replicas "
+                       "share: http(s)://HOST:6333, or :memory: (this process only: tests); for a new store or with "
+                       "--rebuild [stored: FAISS in the folder]")
+    build.add_argument("--collection", metavar="NAME", help="the Qdrant collection (an alias) [default: the store folder's name]")
     build.add_argument("--prune", action="store_true", help="forget files that vanished from the given folders")
     build.add_argument("--index-kind", choices=("auto", "flat", "ivf"),
                        help="flat (exact) or IVF (approximate); auto: IVF from 50,000 passages [stored: auto]")

@@ -235,9 +235,13 @@ def _ingest(retriever, paths, read_options, progress, prune, warn) -> IngestRepo
 
 
 def build(paths: Sequence[str | Path], store: str | Path, embedder=None, settings=None, rebuild: bool = False,
-          read_options: ReadOptions = ReadOptions(), progress: bool = True, prune: bool = False) -> IngestReport:
-    """Open (or create) the store folder, ingest ``paths``, save: what ``ragdec index build`` does."""
-    with Retriever.open_for_writing(store, embedder, settings, rebuild=rebuild) as retriever:
+          read_options: ReadOptions = ReadOptions(), progress: bool = True, prune: bool = False,
+          qdrant=None) -> IngestReport:
+    """Open (or create) the store folder, ingest ``paths``, save: what ``ragdec index build`` does.
+
+    ``qdrant``: a ``qdrant_store.QdrantTarget`` to keep the passages in (see ``Retriever.open_for_writing``).
+    """
+    with Retriever.open_for_writing(store, embedder, settings, rebuild=rebuild, qdrant=qdrant) as retriever:
         report = ingest(retriever, paths, read_options, progress=progress, prune=prune)
         settings_changed = retriever.manifest is None or asdict(retriever.settings) != retriever.manifest.settings
         if report.changed or rebuild or settings_changed:

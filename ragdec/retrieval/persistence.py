@@ -2,10 +2,15 @@
 
 A folder holds::
 
-    manifest.json            which generation is current, the embedder, index kind, settings
-    index.<N>.faiss          the vectors of generation N
-    documents.<N>.sqlite     the passages of generation N
+    manifest.json            which generation is current, the embedder, index kind, settings,
+                             and the backend: FAISS in this folder, or a Qdrant collection
+    index.<N>.faiss          the vectors of generation N (FAISS stores)
+    documents.<N>.sqlite     the passages of generation N and the files they came from
     .lock                    held (flock) by the one process writing
+
+A Qdrant store keeps its vectors and passages in the collection (``qdrant_store``), which
+every replica searches; its folder keeps the manifest (all a reader needs) and the
+documents file, the writer's record of which files gave which passages.
 
 A writer builds generation N+1 beside N: it copies the documents into a working file, adds
 and deletes there and in memory, then writes ``index.<N+1>.faiss`` and renames the working
@@ -23,13 +28,15 @@ import fcntl
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ragdec.files import write_json
 
 MANIFEST = "manifest.json"
-FORMAT = 1  # layout of the folder; bump when a reader of the old layout would misread it
+FORMAT = 2  # layout of the folder; bump when a reader of the old layout would misread it
+FAISS_FORMAT = 1  # a FAISS store's folder is still format 1: older ragdecs read it as before
+FAISS_RECORD = {"name": "faiss"}  # the backend of manifests that name none (written before Qdrant)
 _GENERATION_FILE = re.compile(r"^(index\.\d+\.faiss|documents\.\d+\.sqlite)$")
 
 
@@ -66,6 +73,9 @@ class Manifest:
     settings: dict  # Settings as a dict: what shaped the passages and vectors
     passages: int  # rows in documents and vectors in the index
     updated_at: str  # UTC, ISO 8601
+    # where the vectors live and how to reach them: {"name": "faiss"}, or {"name": "qdrant",
+    # "url", "collection", "bm25_avgdl"} (see qdrant_store); never a secret such as an API key
+    backend: dict = field(default_factory=lambda: dict(FAISS_RECORD))
 
     @property
     def index_file(self) -> str:
@@ -87,7 +97,9 @@ def read_manifest(folder: Path) -> Manifest | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        manifest = Manifest(**{name: data[name] for name in Manifest.__dataclass_fields__})
+        required = [f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING]
+        manifest = Manifest(**{name: data[name] for name in required},
+                            **{f.name: data[f.name] for f in fields(Manifest) if f.name not in required and f.name in data})
     except (ValueError, KeyError, TypeError) as error:
         raise StoreError(f"{path} is damaged ({error}); {rebuild_hint(folder)}") from None
     if manifest.format > FORMAT:

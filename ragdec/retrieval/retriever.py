@@ -1,8 +1,11 @@
 """A store folder opened for search (and, by one process at a time, for writing).
 
-Dense search embeds the question and asks the vector index; BM25 asks SQLite's FTS5;
-hybrid fuses the two candidate lists by reciprocal rank. Every mode returns ``SearchHit``s
-carrying the passage text, ready to be references for a decoder.
+Dense search embeds the question and asks the backend's vectors; BM25 asks its keyword
+index (SQLite's FTS5 for FAISS stores, sparse vectors for Qdrant stores); hybrid fuses the
+two candidate lists by reciprocal rank, here, alike for both. Every mode returns
+``SearchHit``s carrying the passage text, ready to be references for a decoder. Where the
+passages are searched is the backend's business (``backends``: FAISS in the folder, or a
+Qdrant collection); the manifest says which.
 
 Example::
 
@@ -22,11 +25,11 @@ from typing import Sequence
 
 from ragdec.files import durable_rename
 
+from . import backends
 from .embedder import DEFAULT_EMBEDDER, Embedder
 from .fusion import reciprocal_rank_fusion
-from .index import IndexFileError, IndexSpec, VectorIndex, choose_spec
 from .persistence import (
-    FORMAT,
+    FAISS_RECORD,
     Manifest,
     Settings,
     StoreError,
@@ -42,7 +45,6 @@ from .store import DocumentStore, Passage, StoreFileError, content_hash
 
 MODES = ("dense", "bm25", "hybrid")
 HYBRID_CANDIDATES = 50  # taken from each of dense and BM25 before fusing
-RETRAIN_GROWTH = 4  # retrain IVF cells once the index holds 4x what they were trained on
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,21 @@ def embedding_text(title: str, text: str, embed_titles: bool) -> str:
 class Retriever:
     """Search a store folder; ``open_for_writing`` also adds, deletes and saves."""
 
-    def __init__(self, folder: Path, embedder: Embedder, index: VectorIndex, documents: DocumentStore,
+    def __init__(self, folder: Path, embedder: Embedder, backend: backends.StoreBackend,
                  manifest: Manifest | None, settings: Settings, lock: WriterLock | None = None):
         self.folder = folder
         self.embedder = embedder
-        self.index = index
-        self.documents = documents
+        self.backend = backend  # where passages are searched (and, for a writer, published)
         self.manifest = manifest  # the last committed generation; None before the first save
         self.settings = settings
         self._lock = lock  # held while writable
         self.write_lock = threading.RLock()  # one writer thread at a time: ids are handed out in order
+
+    @property
+    def documents(self) -> DocumentStore | None:
+        """The documents file: the writer's working copy (passages, the files they came
+        from), or a FAISS reader's generation; None for a Qdrant reader."""
+        return self.backend.documents
 
     # --- opening ---------------------------------------------------------------------
 
@@ -91,11 +98,13 @@ class Retriever:
 
         Args:
             embedder: a model name or an ``Embedder``; default: the one the store was built with.
-            nprobe: IVF cells read per query, overriding the stored value.
+            nprobe: IVF cells read per query, overriding the stored value (FAISS IVF stores;
+                others have no cells).
 
         Raises:
             FileNotFoundError: no store in ``folder``.
-            StoreError: damaged files or another embedder (the message says how to fix it).
+            StoreError: damaged files, another embedder, an unreachable Qdrant (the message
+                says how to fix it).
         """
         folder = Path(folder).expanduser()
         manifest = read_manifest(folder) if folder.is_dir() else None
@@ -105,7 +114,7 @@ class Retriever:
         check_embedder(folder, manifest, embedder.info)
         for _ in range(3):  # a writer may commit, and delete our generation, while we load it
             try:
-                index, documents = _load_generation(folder, manifest, readonly=True)
+                backend = backends.open_reader(folder, manifest, nprobe)
                 break
             except StoreError:
                 latest = read_manifest(folder)
@@ -114,10 +123,7 @@ class Retriever:
                 manifest = latest
         else:
             raise StoreError(f"store {folder} changed three times while being opened; try again")
-        retriever = cls(folder, embedder, index, documents, manifest, Settings(**manifest.settings))
-        if nprobe:
-            index.set_nprobe(nprobe)
-        return retriever
+        return cls(folder, embedder, backend, manifest, Settings(**manifest.settings))
 
     @classmethod
     def open_for_writing(
@@ -126,15 +132,20 @@ class Retriever:
         embedder: str | Embedder | None = None,
         settings: Settings | None = None,
         rebuild: bool = False,
+        qdrant=None,
     ) -> "Retriever":
         """Open (or create) a store to add to; nothing is visible to readers until ``save``.
 
         Args:
             settings: index kind and chunking; default: the stored ones (or the defaults).
             rebuild: start from an empty store; the current one stays readable until save.
+            qdrant: a ``qdrant_store.QdrantTarget``: keep the vectors and passages in its
+                collection (a new store, or with ``rebuild``); default: where the store is
+                (FAISS for a new one).
 
         Raises:
-            StoreError: another process is writing, damaged files, another embedder.
+            StoreError: another process is writing, damaged files, another embedder, a
+                backend that cannot be reached or changed without ``rebuild``.
         """
         folder = Path(folder).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
@@ -143,25 +154,29 @@ class Retriever:
         try:
             manifest = read_manifest(folder)
             remove_stale_files(folder, manifest)
-            if manifest is not None and not rebuild:
-                embedder = _embedder(embedder, manifest)
+            record = _backend_record(folder, manifest, qdrant, rebuild)
+            continuing = manifest is not None and not rebuild
+            embedder = _embedder(embedder, manifest if continuing else None)
+            if continuing:
                 check_embedder(folder, manifest, embedder.info)
-                index, documents = _load_generation(folder, manifest, readonly=True)
                 settings = settings or Settings(**manifest.settings)
-            else:
-                embedder = _embedder(embedder, None)
-                index, documents = VectorIndex.empty(embedder.info.dimension), None
-                settings = settings or Settings()
-            working = folder / f".documents.{_next_generation(manifest)}.sqlite.partial"
-            working.unlink(missing_ok=True)
-            if documents is not None:
-                documents.backup_to(working)
-                documents.close()
-            documents = DocumentStore.open(working)
+            settings = settings or Settings()
+            backend = backends.open_writer(folder, manifest, record, embedder.info.dimension, rebuild)
+            try:
+                working = folder / f".documents.{_next_generation(manifest)}.sqlite.partial"
+                working.unlink(missing_ok=True)
+                if continuing:
+                    documents = _open_documents(folder, manifest)
+                    documents.backup_to(working)
+                    documents.close()
+                backend.documents = DocumentStore.open(working)
+            except BaseException:
+                backend.close()
+                raise
         except BaseException:
             lock.release()
             raise
-        return cls(folder, embedder, index, documents, manifest, settings, lock)
+        return cls(folder, embedder, backend, manifest, settings, lock)
 
     @property
     def writable(self) -> bool:
@@ -170,7 +185,7 @@ class Retriever:
     def close(self) -> None:
         """Close files and let another writer in; unsaved changes are dropped."""
         working = self.documents.path if self.writable else None
-        self.documents.close()
+        self.backend.close()
         if working is not None:
             working.unlink(missing_ok=True)
             self._lock.release()
@@ -183,7 +198,7 @@ class Retriever:
         self.close()
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.backend)
 
     # --- search ------------------------------------------------------------------------
 
@@ -195,28 +210,27 @@ class Retriever:
                      candidates: int = HYBRID_CANDIDATES) -> list[list[SearchHit]]:
         """``search`` for many queries, embedding them in one batch.
 
+        A writer on Qdrant searches what was saved; a writer on FAISS also what it added since.
+
         Args:
-            mode: "dense" (E5 vectors), "bm25" (FTS5 keywords) or "hybrid" (both, fused by
+            mode: "dense" (E5 vectors), "bm25" (keywords) or "hybrid" (both, fused by
                 reciprocal rank over ``candidates`` from each).
         """
         if mode not in MODES:
             raise ValueError(f"unknown search mode {mode!r}: choose one of {', '.join(MODES)}")
-        rankings: list[list[tuple[int, float]]] = []
         if mode == "bm25":
-            rankings = [self.documents.bm25(q, k) for q in queries]
+            rankings = self.backend.keywords(queries, k)
         else:
             depth = k if mode == "dense" else max(k, candidates)
-            scores, ids = self.index.search(self.embedder.embed_queries(list(queries)), depth)
-            dense = [[(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0] for row_s, row_i in zip(scores, ids)]
+            dense = self.backend.dense(self.embedder.embed_queries(list(queries)), depth)
             if mode == "dense":
                 rankings = dense
             else:
-                for q, dense_ranking in zip(queries, dense):
-                    keyword = self.documents.bm25(q, depth)
-                    rankings.append(reciprocal_rank_fusion(
-                        [[i for i, _ in dense_ranking], [i for i, _ in keyword]], k
-                    ))
-        passages = self.documents.get(sorted({i for ranking in rankings for i, _ in ranking}))
+                rankings = [
+                    reciprocal_rank_fusion([[i for i, _ in dense_ranking], [i for i, _ in keyword]], k)
+                    for dense_ranking, keyword in zip(dense, self.backend.keywords(queries, depth))
+                ]
+        passages = self.backend.passages(sorted({i for ranking in rankings for i, _ in ranking}))
         return [
             [SearchHit(rank, score, passages[i]) for rank, (i, score) in enumerate(
                 ((i, s) for i, s in ranking if i in passages), start=1)]
@@ -238,7 +252,7 @@ class Retriever:
         """Store passages whose ids came from ``documents.next_id()`` with their vectors."""
         self._require_writable()
         self.documents.add(passages, links)
-        self.index.add([p.id for p in passages], vectors)
+        self.backend.add(passages, vectors)
 
     def add_texts(self, texts: Sequence[str], titles: Sequence[str] | None = None, source: str = "api") -> list[int]:
         """Embed and add texts as passages (no chunking); a text already stored keeps its id.
@@ -269,20 +283,8 @@ class Retriever:
         self._require_writable()
         with self.write_lock:
             orphans = self.documents.forget_source(path, keep_hashes)
-            self.index.remove(orphans)
+            self.backend.remove(orphans)
         return len(orphans)
-
-    def _settle_index(self) -> None:
-        """Switch index kind when the size calls for it (or the settings ask), retrain IVF
-        cells that the corpus has outgrown, apply nprobe."""
-        n = len(self.index)
-        wanted = choose_spec(n, self.settings.index_kind, self.settings.nprobe)
-        current = self.index.spec
-        outgrown = current.kind == "ivf" and n > RETRAIN_GROWTH * max(current.trained_on, 1)
-        if n and (wanted.kind != current.kind or outgrown):
-            self.index = self.index.convert(wanted)
-        elif current.kind == "ivf" and self.settings.nprobe:
-            self.index.set_nprobe(self.settings.nprobe)
 
     def save(self) -> Manifest:
         """Publish what was added and deleted as the next generation (see persistence)."""
@@ -291,34 +293,30 @@ class Retriever:
             return self._save()
 
     def _save(self) -> Manifest:
-        self._settle_index()
-        if len(self.index) != len(self.documents):
-            raise StoreError(
-                f"index holds {len(self.index)} vectors but the documents {len(self.documents)} passages; "
-                "nothing was saved"
-            )
+        index_record, backend_record = self.backend.describe(self.settings)
+        passage_ids = self.documents.all_ids()
         generation = _next_generation(self.manifest)
         manifest = Manifest(
-            format=FORMAT,
+            format=self.backend.manifest_format,
             generation=generation,
             embedder=self.embedder.info.as_dict(),
-            index=self.index.spec.as_dict(),
+            index=index_record,
             settings=asdict(self.settings),
-            passages=len(self.index),
+            passages=len(passage_ids),
             updated_at=utc_now(),
+            backend=backend_record,
         )
         working = self.documents.path
         self.documents.close()
-        # 1. the new generation's files, under names no manifest points to yet
-        self.index.save(self.folder / manifest.index_file)
+        # 1. the new generation's documents file, under a name no manifest points to yet;
+        # 2. the backend's part (FAISS: the index file; Qdrant: the collection), read back and
+        #    checked, while the previous generation is still current
         durable_rename(working, self.folder / manifest.documents_file)
-        # 2. read back from disk and checked, while the previous generation is still current
         try:
-            _check_generation(self.folder, manifest)
+            self.backend.publish(self.folder, manifest, passage_ids)
         except StoreError:  # nothing committed: back to writing, as before the save
-            (self.folder / manifest.index_file).unlink(missing_ok=True)
             os.replace(self.folder / manifest.documents_file, working)
-            self.documents = DocumentStore.open(working)
+            self.backend.documents = DocumentStore.open(working)
             raise
         # 3. the commit
         write_manifest(self.folder, manifest)
@@ -327,7 +325,7 @@ class Retriever:
         self.manifest = manifest
         next_working = self.folder / f".documents.{generation + 1}.sqlite.partial"
         shutil.copyfile(self.folder / manifest.documents_file, next_working)
-        self.documents = DocumentStore.open(next_working)
+        self.backend.documents = DocumentStore.open(next_working)
         return manifest
 
 
@@ -343,42 +341,44 @@ def _next_generation(manifest: Manifest | None) -> int:
     return manifest.generation + 1 if manifest else 1
 
 
-def _check_generation(folder: Path, manifest: Manifest) -> None:
-    """Open a generation's files as a reader will and check that the index holds a vector
-    for exactly the passages the documents hold (ids, not only counts).
+def _backend_record(folder: Path, manifest: Manifest | None, qdrant, rebuild: bool) -> dict:
+    """Where a writer puts the store: the Qdrant target asked for, else where it is (FAISS
+    for a new store). Moving a built store elsewhere takes a rebuild: its vectors stay where
+    they are otherwise.
 
     Raises:
-        StoreError: saying what differs; the caller does not commit.
+        StoreError: ``qdrant`` names another place than the store's, without ``rebuild``.
     """
-    index, documents = _load_generation(folder, manifest, readonly=True)
-    try:
-        vector_ids = sorted(int(i) for i in index.ids_and_vectors()[0])
-        passage_ids = documents.all_ids()
-    finally:
-        documents.close()
-    if vector_ids != passage_ids:
-        missing = sorted(set(passage_ids) - set(vector_ids))[:5]
-        extra = sorted(set(vector_ids) - set(passage_ids))[:5]
+    stored = manifest.backend if manifest else None
+    if qdrant is None:
+        return stored or dict(FAISS_RECORD)
+    wanted = qdrant.record()
+    if stored is None or rebuild:
+        return wanted
+    if all(stored.get(key) == value for key, value in wanted.items()):
+        return stored  # the same place: keep what the store recorded there (BM25's avgdl)
+    raise StoreError(
+        f"store {folder} keeps its passages in the {backends.location(stored)}; to move them to the "
+        f"{qdrant}, {rebuild_hint(folder)} --qdrant {qdrant.url} --collection {qdrant.collection}"
+    )
+
+
+def _open_documents(folder: Path, manifest: Manifest) -> DocumentStore:
+    """The documents file of the manifest's generation, which a writer continues."""
+    path = folder / manifest.documents_file
+    if not path.is_file():
         raise StoreError(
-            f"the new generation of {folder} read back inconsistent (passages without a vector: {missing}, "
-            f"vectors without a passage: {extra}); nothing was committed, generation "
-            f"{manifest.generation - 1} stays current"
+            f"{path} is missing: a store folder holding only its manifest can be searched (Qdrant stores) "
+            f"but not added to; build from the folder the store was built in, or {rebuild_hint(folder)}"
         )
-
-
-def _load_generation(folder: Path, manifest: Manifest, readonly: bool) -> tuple[VectorIndex, DocumentStore]:
-    """The index and documents of the manifest's generation, checked against each other."""
-    spec = IndexSpec(**manifest.index)
-    dimension = manifest.embedder["dimension"]
     try:
-        index = VectorIndex.load(folder / manifest.index_file, spec, dimension)
-        documents = DocumentStore.open(folder / manifest.documents_file, readonly=readonly)
-    except (IndexFileError, StoreFileError, FileNotFoundError) as error:
+        documents = DocumentStore.open(path, readonly=True)
+    except StoreFileError as error:
         raise StoreError(f"{error}; {rebuild_hint(folder)}") from None
-    if not (len(index) == len(documents) == manifest.passages):
+    if len(documents) != manifest.passages:
         documents.close()
         raise StoreError(
-            f"store {folder} is inconsistent: manifest says {manifest.passages} passages, index holds "
-            f"{len(index)}, documents {len(documents)}; {rebuild_hint(folder)}"
+            f"store {folder} is inconsistent: manifest says {manifest.passages} passages, documents hold "
+            f"{len(documents)}; {rebuild_hint(folder)}"
         )
-    return index, documents
+    return documents

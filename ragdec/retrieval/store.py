@@ -59,6 +59,11 @@ _STOPWORDS = frozenset(
 )
 
 
+# FTS5's Porter stemmer over its unicode61 tokenizer; Qdrant's sparse vectors (sparse.py)
+# cut words with the same tokenizer, so that both BM25 paths see the same terms
+FTS_TOKENIZER = "porter"
+
+
 class StoreFileError(ValueError):
     """The SQLite file cannot be read as a document store."""
 
@@ -88,6 +93,17 @@ class SourceFile:
     passages: int  # chunks it yielded (duplicates included)
 
 
+def query_words(question: str) -> list[str]:
+    """The words a keyword search looks for: distinct, lower case, stopwords dropped unless
+    nothing else is left. Both BM25 paths (FTS5 here, Qdrant's sparse vectors) start from it.
+
+    Example: ``query_words('What is "NOT" in C++?')`` -> ``["not", "c"]``;
+    ``query_words("Who was it?")`` -> ``["who", "was", "it"]``.
+    """
+    words = list(dict.fromkeys(re.findall(r"\w+", question.lower())))
+    return [w for w in words if w not in _STOPWORDS] or words
+
+
 def fts_query(question: str) -> str:
     """An FTS5 query matching any of the question's words, each quoted so that no word is
     read as an operator.
@@ -95,9 +111,7 @@ def fts_query(question: str) -> str:
     Example: ``fts_query('What is "NOT" in C++?')`` -> ``'"not" OR "c"'`` ("what", "is",
     "in" are stopwords); ``fts_query("Who was it?")`` keeps them all: ``'"who" OR "was" OR "it"'``.
     """
-    words = list(dict.fromkeys(re.findall(r"\w+", question.lower())))
-    content = [w for w in words if w not in _STOPWORDS] or words
-    return " OR ".join(f'"{w}"' for w in content)
+    return " OR ".join(f'"{w}"' for w in query_words(question))
 
 
 class DocumentStore:
@@ -136,7 +150,7 @@ class DocumentStore:
             if not readonly:
                 db.conn.executescript("BEGIN;" + _SCHEMA + "COMMIT;")
                 if not db["passages_fts"].exists():
-                    db["passages"].enable_fts(["title", "text"], tokenize="porter", create_triggers=True)
+                    db["passages"].enable_fts(["title", "text"], tokenize=FTS_TOKENIZER, create_triggers=True)
             missing = {"passages", "passages_fts", "sources", "source_passages"} - set(db.table_names())
             if missing:
                 raise StoreFileError(f"{path} is not a ragdec document store (no table {', '.join(sorted(missing))})")

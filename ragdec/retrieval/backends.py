@@ -1,0 +1,103 @@
+"""The seam between a store and where its passages are searched.
+
+Two backends fill it:
+
+- ``faiss``  (``faiss_store``): a FAISS index and the SQLite documents in the store folder;
+  one machine, or copies of the folder.
+- ``qdrant`` (``qdrant_store``): a Qdrant collection holding the vectors, the BM25 sparse
+  vectors and the passages; every replica that can reach the server searches it.
+
+``Retriever`` does the rest alike for both: embedding, fusing dense and BM25 rankings,
+the writer's lock, the documents file that records which files gave which passages, and
+the manifest that commits a generation. The manifest's ``backend`` record names the backend
+(``{"name": "qdrant", ...}``); ``backend_module`` finds the module that opens it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol, Sequence
+
+from .persistence import Manifest, Settings, StoreError
+from .store import DocumentStore, Passage
+
+Ranking = list[tuple[int, float]]  # (passage id, score), best first
+
+_MODULES = {"faiss": "ragdec.retrieval.faiss_store", "qdrant": "ragdec.retrieval.qdrant_store"}
+
+
+class SearchBackend(Protocol):
+    """Search a store's passages: what readers (and writers) ask of a backend."""
+
+    # the documents file of the generation (readers of a FAISS store) or the writer's
+    # working copy of it; None where searching needs no local file (a Qdrant reader)
+    documents: DocumentStore | None
+
+    def __len__(self) -> int:
+        """Passages searchable (a writer: passages it will publish)."""
+
+    def dense(self, vectors, k: int) -> list[Ranking]:
+        """The k passages of highest inner product with each unit vector (float32 [q, d])."""
+
+    def keywords(self, questions: Sequence[str], k: int) -> list[Ranking]:
+        """The k passages of highest BM25 score for each question."""
+
+    def passages(self, ids: Sequence[int]) -> dict[int, Passage]:
+        """Passages by id; ids not stored are left out."""
+
+    def close(self) -> None:
+        """Close files and connections (the documents file included)."""
+
+
+class BackendWriter(Protocol):
+    """Publish a writer's changes: what ``Retriever.save`` asks of a backend."""
+
+    manifest_format: int  # the manifest's ``format``: the oldest layout that reads this backend
+
+    def add(self, passages: Sequence[Passage], vectors) -> None:
+        """Take new passages and their vectors (float32 [n, d]); published by ``publish``."""
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Drop passages the documents file no longer holds."""
+
+    def describe(self, settings: Settings) -> tuple[dict, dict]:
+        """The manifest's ``index`` and ``backend`` records for the next generation (a
+        FAISS index settles its kind here)."""
+
+    def publish(self, folder: Path, manifest: Manifest, passage_ids: Sequence[int]) -> None:
+        """Make the generation searchable and check that it holds exactly ``passage_ids``.
+
+        Raises:
+            StoreError: what differs; the caller does not commit the manifest.
+        """
+
+
+class StoreBackend(SearchBackend, BackendWriter, Protocol):
+    """Both sides: what a backend module's ``open_reader`` and ``open_writer`` return."""
+
+
+def backend_module(record: dict):
+    """The module of the backend a manifest's ``backend`` record names (imported now: FAISS
+    or qdrant-client load only for the stores that use them)."""
+    name = record.get("name")
+    if name not in _MODULES:
+        raise StoreError(f"unknown store backend {name!r}: this ragdec knows {', '.join(_MODULES)}; upgrade ragdec")
+    return importlib.import_module(_MODULES[name])
+
+
+def open_reader(folder: Path, manifest: Manifest, nprobe: int | None = None) -> StoreBackend:
+    """The backend of a committed generation, for search (``nprobe``: IVF cells read per
+    query, for a FAISS IVF index; no other backend has cells)."""
+    return backend_module(manifest.backend).open_reader(folder, manifest, nprobe)
+
+
+def open_writer(folder: Path, manifest: Manifest | None, record: dict, dimension: int, rebuild: bool) -> StoreBackend:
+    """A backend to add to, at the place ``record`` names: continuing the committed
+    generation of ``manifest``, or empty (a new store, ``manifest`` None, or a rebuild)."""
+    return backend_module(record).open_writer(folder, manifest, record, dimension, rebuild)
+
+
+def location(record: dict) -> str:
+    """Where a store's vectors are, in words: "FAISS index in the folder", "Qdrant collection 'docs' at http://..."."""
+    return backend_module(record).location(record)
