@@ -148,3 +148,39 @@ def e5(weights):
 
     weights(DEFAULT_EMBEDDER)
     return Embedder()
+
+
+# ---- PostgreSQL: one server for the session, a database per test -------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of the session's own (tests/postgres_server.py); its tests skip
+    only where the server's binaries are missing, which `make test` installs."""
+    from postgres_server import MissingBinaries, PostgresServer
+
+    try:
+        server = PostgresServer.start()
+    except MissingBinaries as error:
+        pytest.skip(str(error))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres, request) -> str:
+    """A new empty database on the session's server (tens of milliseconds), dropped after."""
+    import hashlib
+
+    name = "t_" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+    url = postgres.create_database(name)
+    yield url
+    postgres.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def qa_location(request, tmp_path):
+    """Where a QA cache lives, once per backend: a new SQLite file, a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "qa.sqlite"
+    return request.getfixturevalue("postgres_url")

@@ -58,9 +58,10 @@ def faq_file(tmp_path):
 
 
 @pytest.fixture
-def cache(tmp_path, embedder):
+def cache(qa_location, embedder):
+    """A cache on each backend: SQLite, PostgreSQL."""
     info = embedder.info
-    store = QAStore.open(tmp_path / "qa.sqlite", EmbedderIdentity(info.name, info.version, info.dimension))
+    store = QAStore.open(qa_location, EmbedderIdentity(info.name, info.version, info.dimension))
     yield QACache(store, embedder)
     store.close()
 

@@ -1,4 +1,5 @@
-"""The LangChain cache adapter passes langchain-tests' standard cache suites."""
+"""The LangChain cache adapter passes langchain-tests' standard cache suites, on SQLite and
+on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,20 +15,20 @@ from ragdec.cache.store import QAStore
 
 class TestRagdecLLMCacheSync(SyncCacheTestSuite):
     @pytest.fixture
-    def cache(self, tmp_path) -> RagdecLLMCache:
-        return RagdecLLMCache(tmp_path / "qa.sqlite")
+    def cache(self, qa_location) -> RagdecLLMCache:
+        return RagdecLLMCache(qa_location)
 
 
 class TestRagdecLLMCacheAsync(AsyncCacheTestSuite):
     pytestmark = pytest.mark.asyncio  # the suite's tests are coroutines; pytest-asyncio runs them
 
     @pytest_asyncio.fixture
-    async def cache(self, tmp_path) -> RagdecLLMCache:
-        return RagdecLLMCache(tmp_path / "qa.sqlite")
+    async def cache(self, qa_location) -> RagdecLLMCache:
+        return RagdecLLMCache(qa_location)
 
 
-def test_generations_persist_exactly_per_prompt_and_model(tmp_path):
-    path = tmp_path / "qa.sqlite"
+def test_generations_persist_exactly_per_prompt_and_model(qa_location):
+    path = qa_location
     chat = [ChatGeneration(message=AIMessage(content="Paris."), generation_info={"finish_reason": "stop"})]
     RagdecLLMCache(path).update("Capital of France?", "model=a,temperature=0", chat)
     reopened = RagdecLLMCache(path)

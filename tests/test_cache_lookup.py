@@ -1,5 +1,5 @@
-"""Lookup with the real fallback embedder (all-minilm-l6-v2 from the zoo), real SQLite and
-FAISS: exact, semantic, near and miss; invalidation; near hits as lossless LLMA references;
+"""Lookup with the real fallback embedder (all-minilm-l6-v2 from the zoo), real SQLite or
+PostgreSQL and FAISS: exact, semantic, near and miss; invalidation; near hits as lossless LLMA references;
 calibration on question pairs made from the StackFAQ sample."""
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def embedder(minilm):
 
 
 @pytest.fixture
-def cache(tmp_path, embedder):
+def cache(qa_location, embedder):
+    """A cache on each backend: SQLite, PostgreSQL."""
     info = embedder.info
-    store = QAStore.open(tmp_path / "qa.sqlite", EmbedderIdentity(info.name, info.version, info.dimension))
+    store = QAStore.open(qa_location, EmbedderIdentity(info.name, info.version, info.dimension))
     yield QACache(store, embedder)
     store.close()
 

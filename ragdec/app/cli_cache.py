@@ -10,6 +10,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .cli_common import db_path, given, write_json
 
@@ -60,7 +61,7 @@ def cmd_cache_clear(args) -> int:
     finally:
         store.close()
     what = "expired entries" if args.expired else f"entries of model {args.model}" if args.model else "entries (all)"
-    print(f"deleted {deleted} {what} from {db_path(args)}")
+    print(f"deleted {deleted} {what} from {store.location}")
     return 0
 
 
@@ -91,9 +92,10 @@ def cmd_cache_calibrate(args) -> int:
             report["faq"] = {**faq_result.report(), "file": str(args.faq)}
             cache.save_policy("faq", faq_result.policy, report["faq"])
         plot = calibration.plot_calibration(
-            result, args.plot or db_path(args).with_suffix(".calibration.png"), f"QA cache calibration, {cache.embedder.info.name}", faq_rows,
+            result, args.plot or _default_plot(db_path(args)), f"QA cache calibration, {cache.embedder.info.name}", faq_rows,
             faq_result.policy if args.faq else None,
         )
+        location = cache.store.location
     finally:
         cache.close()
     p = result.policy
@@ -108,10 +110,21 @@ def cmd_cache_calibrate(args) -> int:
             f"{f['right_rate']:.1%} right, {f['wrong_rate']:.2%} wrong of {f['queries']} paraphrases; "
             f"{f['out_of_set_rate']:.2%} of {f['out_of_set_queries']} unrelated questions served"
         )
-    print(f"saved in {db_path(args)}; plot {plot}")
+    print(f"saved in {location}; plot {plot}")
     if args.json:
         write_json(report, args.json)
     return 0
+
+
+def _default_plot(location) -> Path:
+    """Next to a cache file; for a database, ``$RAGDEC_HOME/<database>.calibration.png``."""
+    from ragdec.cache.backends import is_database_url
+    from ragdec.models.home import ragdec_home
+
+    if not is_database_url(location):
+        return location.with_suffix(".calibration.png")
+    database = urlsplit(location).path.strip("/") or "qa-cache"
+    return ragdec_home() / f"{database}.calibration.png"
 
 
 def _calibrate_faq(cache, faq_path: str, unrelated, targets: dict):
@@ -153,7 +166,7 @@ def cmd_faq_import(args) -> int:
         report = import_faq(cache, args.file, with_paraphrases=not args.no_paraphrases, progress=True)
     finally:
         cache.close()
-    print(f"imported {report.records} questions as {report.entries} entries into {db_path(args)}")
+    print(f"imported {report.records} questions as {report.entries} entries into {cache.store.location}")
     return 0
 
 
@@ -181,7 +194,7 @@ def cmd_faq_ask(args) -> int:
 
 
 def _add_db(parser) -> None:
-    parser.add_argument("--db", help="cache file (default: $RAGDEC_HOME/qa-cache.sqlite)")
+    parser.add_argument("--db", help="cache file, or postgresql://USER@HOST/DATABASE (default: $RAGDEC_HOME/qa-cache.sqlite)")
 
 
 def register(subparsers) -> None:

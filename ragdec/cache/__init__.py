@@ -1,19 +1,20 @@
-"""The QA cache: answers kept in SQLite, found again by question.
+"""The QA cache: answers kept in SQLite (or PostgreSQL, shared), found again by question.
 
 One module per idea:
 
 - ``normalize``: the exact-hit key (a question's normalized form and its hash).
 - ``guard``: the checks that keep near-duplicates that differ in meaning from being served.
-- ``store``: entries in SQLite (WAL, one transaction per write) mirrored in FAISS.
+- ``store``: entries in a database (one transaction per write) mirrored in FAISS (``mirror``).
+- ``backends``: what differs between SQLite (a file) and PostgreSQL (``postgres``, shared).
 - ``lookup``: ``QACache.lookup`` -> ``Lookup`` (exact | semantic | near | miss) under a ``Policy``.
 - ``calibration``: thresholds from labelled pairs and FAQ paraphrases; the plot.
 - ``faq``: importing FAQ files and answering from them, generating with near-hit references.
-- ``langchain``: LangChain's ``BaseCache`` in the same file (exact, prompt + llm string).
+- ``langchain``: LangChain's ``BaseCache`` in the same database (exact, prompt + llm string).
 
 Nothing heavy is imported here; each name loads its module on first use::
 
     from ragdec.cache import QACache
-    cache = QACache.open("qa-cache.sqlite")
+    cache = QACache.open("qa-cache.sqlite")        # or "postgresql://app@db.internal/qa_cache"
     cache.lookup("How do I rotate the logs?", model="qwen2.5-coder-0.5b-instruct")
 """
 
@@ -29,6 +30,7 @@ _EXPORTS = {
     "NewEntry": "store",
     "Entry": "store",
     "CacheFileError": "store",
+    "CacheUnreachableError": "store",
     "FaqService": "faq",
     "import_faq": "faq",
     "paraphrase_guard": "guard",

@@ -1,17 +1,17 @@
-"""LangChain ``BaseCache`` over the QA cache's SQLite file.
+"""LangChain ``BaseCache`` over the QA cache's database (its SQLite file or PostgreSQL).
 
 LangChain keys its cache on the full prompt and the ``llm_string`` (the model and its
 settings) and expects an exact cache: what it gets back must be what that model said to
-that prompt. So this adapter stores exactly that, in the cache file's ``llm_cache`` table,
-with the same WAL, busy-timeout and transaction discipline as the QA entries; semantic and
-near hits stay with ``QACache``, which keys on the user's question instead of the prompt.
+that prompt. So this adapter stores exactly that, in the cache's ``llm_cache`` table, with
+the same transaction discipline as the QA entries; semantic and near hits stay with
+``QACache``, which keys on the user's question instead of the prompt.
 
 Imported on its own so that the rest of ragdec never loads langchain-core.
 
 Example::
 
     from langchain_core.globals import set_llm_cache
-    set_llm_cache(RagdecLLMCache("qa-cache.sqlite"))
+    set_llm_cache(RagdecLLMCache("qa-cache.sqlite"))         # or "postgresql://app@db/qa_cache"
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from .store import QAStore
 
 
 class RagdecLLMCache(BaseCache):
-    """Exact prompt + llm_string cache in a ragdec QA cache file.
+    """Exact prompt + llm_string cache in a ragdec QA cache.
 
     Args:
-        path: the cache file (created when missing), or an open ``QAStore`` to share.
+        path: the cache file (created when missing), a ``postgresql://`` URL, or an open
+            ``QAStore`` to share.
     """
 
     def __init__(self, path: str | Path | QAStore):

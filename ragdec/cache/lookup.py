@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 from .guard import GUARDS, Verdict
-from .store import HUMAN, CacheFileError, EmbedderIdentity, Entry, NewEntry, QAStore
+from .store import HUMAN, EmbedderIdentity, Entry, NewEntry, QAStore
 
 # MiniLM rather than E5: on StackFAQ paraphrases it serves 81.6% right at 1.0% wrong where
 # multilingual-e5-small serves 64.0% at 1.5%, and both keep Quora false hits at 0.5%
@@ -176,20 +176,22 @@ class QACache:
         self.embedder = embedder  # ragdec.retrieval.embedder.Embedder
 
     @classmethod
-    def open(cls, path, embedder=None, create: bool = True, clock=None) -> "QACache":
-        """Open the cache in ``path`` with ``embedder`` (an Embedder, or a zoo name / folder;
-        default: the one recorded in the file, else ``DEFAULT_CACHE_EMBEDDER``)."""
-        from pathlib import Path
-
+    def open(cls, location, embedder=None, create: bool = True, clock=None) -> "QACache":
+        """Open the cache at ``location`` (a file, or a ``postgresql://`` URL) with ``embedder``
+        (an Embedder, or a zoo name / folder; default: the one recorded in the cache, else
+        ``DEFAULT_CACHE_EMBEDDER``). The store opens first, so that a missing cache or an
+        unreachable database is reported before a model loads for nothing."""
         from ragdec.retrieval.embedder import Embedder
 
-        if not create and not Path(path).expanduser().exists():  # before loading a model for nothing
-            raise FileNotFoundError(f"no QA cache at {path}: create it with `ragdec faq import FILE --db {path}` or by caching answers")
-        if embedder is None or isinstance(embedder, str):
-            name = embedder or _recorded_embedder(path) or DEFAULT_CACHE_EMBEDDER
-            embedder = Embedder(name)
-        identity = EmbedderIdentity(embedder.info.name, embedder.info.version, embedder.info.dimension)
-        store = QAStore.open(path, identity, create=create, **({"clock": clock} if clock else {}))
+        store = QAStore.open(location, None, create=create, **({"clock": clock} if clock else {}))
+        try:
+            if embedder is None or isinstance(embedder, str):
+                recorded = store.embedder
+                embedder = Embedder(embedder or (recorded["name"] if recorded else DEFAULT_CACHE_EMBEDDER))
+            store.use_embedder(EmbedderIdentity(embedder.info.name, embedder.info.version, embedder.info.dimension))
+        except BaseException:
+            store.close()
+            raise
         return cls(store, embedder)
 
     def close(self) -> None:
@@ -203,7 +205,7 @@ class QACache:
 
     def policy(self, kind: str = "pairs") -> Policy:
         """The policy for cached answers ("pairs") or a curated FAQ ("faq"): calibrated in
-        this file for this embedder, else the shipped default for it, else exact hits only."""
+        this cache for this embedder, else the shipped default for it, else exact hits only."""
         stored = self.store.setting(f"policy.{kind}")
         if stored:
             payload = json.loads(stored)
@@ -212,7 +214,7 @@ class QACache:
         return DEFAULT_POLICIES.get(self.embedder.info.name, {}).get(kind, UNCALIBRATED)
 
     def save_policy(self, kind: str, policy: Policy, report: dict | None = None) -> None:
-        """Keep a calibrated policy in the file, tied to this embedder's weights."""
+        """Keep a calibrated policy in the cache, tied to this embedder's weights."""
         payload = {"embedder_version": self.embedder.info.version, "policy": policy.as_dict(), "report": report or {}}
         self.store.set_setting(f"policy.{kind}", json.dumps(payload))
 
@@ -321,19 +323,3 @@ class QACache:
             curated_only=curated_only, count_hit=count_hit,
         )
 
-
-def _recorded_embedder(path) -> str | None:
-    """The embedder name recorded in an existing cache file, without loading any model."""
-    from pathlib import Path
-
-    if not Path(path).expanduser().is_file():
-        return None
-    try:
-        store = QAStore.open(path, None, create=False)
-    except CacheFileError:
-        return None  # opened again below, where the error is raised with its advice
-    try:
-        recorded = store.embedder
-    finally:
-        store.close()
-    return recorded["name"] if recorded else None

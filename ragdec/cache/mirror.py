@@ -1,12 +1,15 @@
-"""The QA store's FAISS index, kept in step with SQLite across connections and processes.
+"""The QA store's FAISS index, kept in step with the database across connections and processes.
 
-SQLite is the truth. Each connection holds its own index and brings it up to date before a
-search, reading only what changed:
+The database (SQLite or PostgreSQL) is the truth. Each connection holds its own index and
+brings it up to date before a search, reading only what changed:
 
-- ``PRAGMA data_version`` changes when another connection commits (this connection's own
-  writes set ``dirty``); when neither happened, a search costs no SQLite read at all.
-- Entry ids only grow (AUTOINCREMENT, assigned inside serialized write transactions), so
-  the entries added since the last sync are those above the highest id seen.
+- The backend's data version (SQLite's ``PRAGMA data_version``; on PostgreSQL the epoch
+  with the highest entry id and deletion number) changes when another connection commits
+  (this connection's own writes set ``dirty``); when neither happened, a search reads that
+  one value and nothing more.
+- Entry ids only grow (never reused, assigned inside write transactions that the writers'
+  lock serializes, so they commit in order), so the entries added since the last sync are
+  those above the highest id seen.
 - Deletions are logged in order (``deletions.seq``), so those since the last sync are
   those above the last sequence number applied.
 - ``clear`` (and cutting the deletion log) bumps the settings ``epoch``: every connection
@@ -28,7 +31,7 @@ class IndexMirror:
         self.epoch = None  # the settings epoch it was built at
         self.synced_id = 0  # every entry id up to this is in the index (or was deleted)
         self.deleted_seq = 0  # every logged deletion up to this is applied
-        self.data_version = None  # PRAGMA data_version at the last sync
+        self.data_version = None  # the backend's data version at the last sync
         self.dirty = True  # this connection wrote since the last sync
 
     def sync(self, store):
@@ -36,7 +39,7 @@ class IndexMirror:
         with the store's lock held."""
         import numpy as np
 
-        data_version = store.conn.execute("PRAGMA data_version").fetchone()[0]
+        data_version = store.backend.data_version(store.conn)
         if self.index is not None and not self.dirty and data_version == self.data_version:
             return self.index
         new_centroids = None
@@ -59,13 +62,16 @@ class IndexMirror:
                     self.synced_id = int(ids[-1])
         if new_centroids is not None:  # kept for the next open: training takes seconds
             with store.write() as conn:
-                conn.execute("INSERT OR REPLACE INTO centroids (id, trained_on, nlist, data) VALUES (1, ?, ?, ?)", new_centroids)
+                conn.execute(
+                    "INSERT INTO centroids (id, trained_on, nlist, data) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
+                    "SET trained_on = excluded.trained_on, nlist = excluded.nlist, data = excluded.data", new_centroids,
+                )
         self.data_version = data_version
         self.dirty = False
         return self.index
 
     def _rebuild(self, store, epoch: str):
-        """Inside a read snapshot: the whole index from SQLite; returns IVF cells trained
+        """Inside a read snapshot: the whole index from the database; returns IVF cells trained
         now, to be kept, or None."""
         import numpy as np
 
@@ -93,7 +99,7 @@ def build_index(conn, ids, vectors):
     to keep: (index, (trained_on, nlist, bytes) or None).
 
     Flat below ``IVF_MIN_VECTORS`` entries (exact). Above, IVF: over the cells stored in the
-    file when they were trained on at least a quarter of today's entries (adding 100k
+    database when they were trained on at least a quarter of today's entries (adding 100k
     vectors to trained cells takes under a second), else over cells trained now.
     """
     import numpy as np

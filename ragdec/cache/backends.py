@@ -1,0 +1,155 @@
+"""Where the QA store keeps its rows: a SQLite file, or a PostgreSQL database shared by
+several processes (``postgres.py``).
+
+``QAStore`` (store.py) holds the cache's logic once and speaks SQL that both run (``?``
+placeholders, ``ON CONFLICT`` upserts, ``RETURNING``). A backend is what differs between
+them: how to connect, how a write transaction takes the one writers' lock, what tells an
+index that another process committed, the names of three column types, the size on disk,
+and which errors are the user's to fix.
+
+Example::
+
+    open_backend("qa-cache.sqlite").location                    # "qa-cache.sqlite"
+    open_backend("postgresql://app:s3cret@db/cache").location  # "postgresql://app:***@db/cache"
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+DATABASE_SCHEMES = ("postgresql://", "postgres://")
+BUSY_TIMEOUT_S = 30.0  # writers queue behind each other; a hit's counter update is ~1 ms
+
+
+class CacheFileError(ValueError):
+    """The file or database cannot be used as a QA cache: damaged, foreign, or made by
+    another embedder."""
+
+
+class CacheUnreachableError(ValueError):
+    """The cache's database cannot be reached (no driver, refused, wrong password, no such
+    database, connection lost); the message names the URL, password masked, and what to
+    check. A ValueError, as the commands' other errors that the user fixes."""
+
+
+class Backend(Protocol):
+    location: str  # what messages name: the file, or the URL with its password masked
+    column_types: dict[str, str]  # the schema's {serial} (ids never reused), {real}, {blob}
+
+    def connect(self, create: bool):
+        """A connection whose ``execute(sql, params)`` takes ``?`` placeholders.
+
+        Raises:
+            FileNotFoundError: nothing there and not ``create``.
+        """
+
+    def begin(self, conn, write: bool) -> None:
+        """Start a transaction: a write takes the writers' lock up front, so that writes are
+        serialized and entry ids become visible in the order they were given."""
+
+    def data_version(self, conn) -> object:
+        """A value that changes whenever another connection commits (cheap)."""
+
+    def table_names(self, conn) -> set[str]: ...
+
+    def size_bytes(self, conn) -> int: ...
+
+    def user_error(self, error: Exception) -> Exception | None:
+        """The error to raise instead of ``error`` when it is the user's to fix, else None."""
+
+
+def is_database_url(location) -> bool:
+    return isinstance(location, str) and location.startswith(DATABASE_SCHEMES)
+
+
+def cache_location(text: str) -> str | Path:
+    """``--db``'s value: a database URL as given, else a file path, ``~`` expanded.
+
+    Example: ``cache_location("~/qa.sqlite")`` -> ``Path("/home/me/qa.sqlite")``;
+    ``cache_location("postgresql://db/cache")`` -> ``"postgresql://db/cache"``.
+    """
+    return text if is_database_url(text) else Path(text).expanduser()
+
+
+def open_backend(location: str | Path) -> Backend:
+    if is_database_url(location):
+        from .postgres import PostgresBackend
+
+        return PostgresBackend(str(location))
+    return SQLiteBackend(Path(location).expanduser())
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password, in the user part or the query, shown as ``***``.
+
+    Example: ``mask_url("postgresql://app:s3cret@db:5432/cache?password=x&sslmode=require")``
+    -> ``"postgresql://app:***@db:5432/cache?password=***&sslmode=require"``.
+    """
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, host = netloc.rsplit("@", 1)
+        if ":" in user:
+            user = user.split(":", 1)[0] + ":***"
+        netloc = f"{user}@{host}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def missing_cache(location: str) -> FileNotFoundError:
+    return FileNotFoundError(f"no QA cache at {location}: create it with `ragdec faq import FILE --db {location}` or by caching answers")
+
+
+class SQLiteBackend:
+    """One SQLite file: WAL (readers never block the writer), ``BEGIN IMMEDIATE`` (two writers
+    wait for each other instead of failing on upgrade), a busy timeout (waits, not errors).
+    A process killed mid-write leaves the last committed state."""
+
+    column_types = {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL", "blob": "BLOB"}
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.location = str(path)
+        self._configured = False  # WAL and synchronous set on this connection
+
+    def connect(self, create: bool) -> sqlite3.Connection:
+        if not self.path.exists() and not create:
+            raise missing_cache(self.location)
+        if self.path.is_dir():
+            raise CacheFileError(f"{self.path} is a folder; pass the path of a cache file, e.g. {self.path / 'qa-cache.sqlite'}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+
+    def begin(self, conn, write: bool) -> None:
+        if write and not self._configured:
+            # outside any transaction, and only once the store has found the file to be a
+            # cache (its first write): a foreign database is never switched; the mode persists
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # with WAL: durable across process crashes
+            self._configured = True
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def data_version(self, conn) -> int:
+        return conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def table_names(self, conn) -> set[str]:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'sqlite_sequence'")}
+
+    def size_bytes(self, conn) -> int:
+        files = (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm"))
+        return sum(p.stat().st_size for p in files if p.exists())
+
+    def user_error(self, error: Exception) -> Exception | None:
+        if isinstance(error, sqlite3.OperationalError):  # locked, disk full, ...: not the file's fault
+            return None
+        if isinstance(error, sqlite3.DatabaseError):
+            return CacheFileError(
+                f"{self.path} is damaged or not a SQLite database ({error}); move it away or delete it, "
+                "and the cache starts empty"
+            )
+        return None
