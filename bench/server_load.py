@@ -29,9 +29,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 from ragdec.files import read_jsonl
+from ragdec.pipelines.remote import delta_text, sse_events  # one SSE reader: the remote engine's (server_batch imports it from here)
 
 MODEL = "smollm2-135m-instruct"
 MAX_NEW_TOKENS = 16
@@ -76,9 +76,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, model: str, serve_args: list[str]) -> subprocess.Popen:
-    """`ragdec serve --model MODEL *serve_args` on 127.0.0.1:``port``, once /health answers."""
-    command = [sys.executable, "-m", "ragdec.app.cli", "serve", "--model", model, "--port", str(port),
+def start_server(port: int, model: str | None, serve_args: list[str]) -> subprocess.Popen:
+    """`ragdec serve --model MODEL *serve_args` on 127.0.0.1:``port``, once /health answers
+    (no --model when ``model`` is None: a remote engine's front, say)."""
+    command = [sys.executable, "-m", "ragdec.app.cli", "serve", *(["--model", model] if model else []), "--port", str(port),
                "--log-level", "warning", *serve_args]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -94,22 +95,6 @@ def start_server(port: int, model: str, serve_args: list[str]) -> subprocess.Pop
             time.sleep(0.5)
     server.kill()
     raise RuntimeError("ragdec serve did not answer /health within 300 s")
-
-
-def sse_events(response) -> Iterator[dict | None]:
-    """The parsed ``data:`` events of a server-sent stream; None for its closing [DONE]."""
-    for line in response:
-        line = line.decode().strip()
-        if line == "data: [DONE]":
-            yield None
-            return
-        if line.startswith("data: "):
-            yield json.loads(line[6:])
-
-
-def delta_text(event: dict) -> str:
-    """The content an event of a streamed chat completion adds."""
-    return "".join(choice["delta"].get("content") or "" for choice in event.get("choices", []))
 
 
 def ask(port: int, model: str, question: str, stream: bool, max_new_tokens: int) -> dict:

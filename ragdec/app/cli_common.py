@@ -1,6 +1,7 @@
 """What the `ragdec` commands share: the model, method and decoding flags, each decoding
-method's knob flags, the pipeline that `ask`, `chat` and `serve` answer with, and the
-JSON writer.
+method's knob flags, the pipeline that `ask`, `chat` and `serve` answer with (and the
+engine it answers by: in process, or a remote OpenAI-compatible server), and the JSON
+writer.
 
 Every command module (``cli_*.py``) imports from here and from no other command module;
 ``cli.py`` only registers them. A flag the user leaves out is None, and the layer that owns
@@ -12,6 +13,7 @@ equal a default is still the user's.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -43,9 +45,11 @@ def default_db() -> Path:
     return ragdec_home() / "qa-cache.sqlite"
 
 
-def db_path(args) -> Path:
-    """``--db``, or ``default_db()``."""
-    return Path(args.db).expanduser() if args.db else default_db()
+def db_path(args) -> str | Path:
+    """``--db`` (a file, or a ``postgresql://`` URL, kept as given), or ``default_db()``."""
+    from ragdec.cache.backends import cache_location
+
+    return cache_location(args.db) if args.db else default_db()
 
 
 # ---- decoding flags ----------------------------------------------------------------------
@@ -55,6 +59,11 @@ def add_model_argument(parser, default: str | None = DEFAULT_MODEL, help: str = 
     parser.add_argument("--model", default=default, help=f"{help} (default {default})" if default else help)
 
 
+# the pipeline's --model: with --engine openai a model named is only a tokenizer, and none is the estimate
+PIPELINE_MODEL_HELP = (f"zoo name, local folder or hub id (default {DEFAULT_MODEL}); with --engine openai, the "
+                       "tokenizer that measures prompts (default: an estimate of 3 bytes a token)")
+
+
 def add_dtype_argument(parser) -> None:
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), help="the model's weights (default float32); "
@@ -62,14 +71,19 @@ def add_dtype_argument(parser) -> None:
     )
 
 
-def add_generation_arguments(parser, method: str | None, max_new_tokens: int | None, method_help: str) -> None:
+def add_generation_arguments(parser, method: str | None, max_new_tokens: int | None, method_help: str,
+                             model_help: str | None = None) -> None:
     """--model, --method, --max-new-tokens, every method's knobs and --dtype. ``method`` and
-    ``max_new_tokens`` are the command's own defaults; None leaves them to ``GenerationParams``."""
+    ``max_new_tokens`` are the command's own defaults; None leaves them to ``GenerationParams``.
+    ``model_help``: --model is left None when not given, and the help says what that means."""
     from ragdec.decoding.methods import GenerationParams
 
     shown_method = GenerationParams.method if method is None else method
     shown_tokens = GenerationParams.max_new_tokens if max_new_tokens is None else max_new_tokens
-    add_model_argument(parser)
+    if model_help:
+        add_model_argument(parser, default=None, help=model_help)
+    else:
+        add_model_argument(parser)
     parser.add_argument("--method", default=method, help=f"{method_help} (default {shown_method})")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens of an answer (default {shown_tokens})")
     add_method_knobs(parser)
@@ -175,6 +189,7 @@ def add_pipeline_arguments(parser) -> None:
     add_generation_arguments(
         parser, method="auto", max_new_tokens=ANSWER_MAX_NEW_TOKENS,
         method_help="decoding method; auto: llma when there is text to copy, else --default-method",
+        model_help=PIPELINE_MODEL_HELP,
     )
     parser.add_argument(
         "--default-method", help="what auto picks when there is nothing to copy (default: bild-lossless for a big "
@@ -182,19 +197,95 @@ def add_pipeline_arguments(parser) -> None:
     )
     parser.add_argument("-k", type=int, help="passages retrieved per question (default 5)")
     parser.add_argument("--mode", choices=("dense", "bm25", "hybrid"), help="retrieval mode (default dense)")
-    parser.add_argument("--db", help="QA cache file (default: $RAGDEC_HOME/qa-cache.sqlite)")
+    parser.add_argument("--db", help="QA cache: a file, or postgresql://USER@HOST/DATABASE to share it between "
+                        "processes (default: $RAGDEC_HOME/qa-cache.sqlite)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the QA cache")
+    add_engine_arguments(parser)
+
+
+# ---- the engine: in process, or a remote OpenAI-compatible server ------------------------
+
+ENGINES = ("local", "openai")
+REMOTE_API_KEY_ENV = "RAGDEC_REMOTE_API_KEY"  # keeps the remote's key out of `ps`
+# flags that tune in-process decoding, which a remote engine leaves to its server
+LOCAL_ONLY_FLAGS = {"method": "--method", "default_method": "--default-method", "dtype": "--dtype"}
+
+
+def add_engine_arguments(parser) -> None:
+    """--engine and the remote engine's flags; left out, ``RemoteSettings``'s defaults."""
+    from ragdec.pipelines.remote import RemoteSettings
+
+    defaults = RemoteSettings()
+    remote = parser.add_argument_group(
+        "engine", "what decodes: this process, or an OpenAI-compatible server (vLLM, llama-server, another `ragdec serve`) "
+        "sent the same chat messages; retrieval, the QA cache and sources stay here"
+    )
+    remote.add_argument("--engine", choices=ENGINES, default="local",
+                        help="local: decode in this process (default); openai: post each prompt to --base-url")
+    remote.add_argument("--base-url", metavar="URL", help="openai: the server's API root, e.g. http://127.0.0.1:8001/v1")
+    remote.add_argument("--remote-model", metavar="NAME", help="openai: the model the server answers with (its GET /v1/models lists them)")
+    remote.add_argument("--remote-api-key", metavar="KEY",
+                        help=f"openai: sent as Authorization: Bearer KEY (default: ${REMOTE_API_KEY_ENV}; unset: none)")
+    remote.add_argument("--remote-context", type=int, metavar="TOKENS",
+                        help=f"openai: the server's context, prompt and answer, that prompts are fitted to (default {defaults.context_length})")
+    remote.add_argument("--remote-timeout", type=float, metavar="SECONDS",
+                        help=f"openai: the most one answer may take, retries included (default {defaults.timeout_s:g})")
+    remote.add_argument("--remote-read-timeout", type=float, metavar="SECONDS",
+                        help=f"openai: the longest silence from the server, its prompt reading included (default {defaults.read_timeout_s:g})")
+    remote.add_argument("--remote-retries", type=int, metavar="N",
+                        help=f"openai: tries again after a refused connection, a 429 or a 503, with backoff (default {defaults.retries})")
+
+
+def pipeline_model(args) -> str | None:
+    """The model the pipeline's flags name: --model, else the default model for the local
+    engine; for a remote engine, the remote model (what answers, and what the QA cache keys to)."""
+    if args.engine == "openai":
+        return args.remote_model
+    return args.model or DEFAULT_MODEL
+
+
+def build_engine(args):
+    """The engine the flags describe: in-process decoding of --model (loaded, prepared
+    first when needed), or the remote server of --base-url.
+
+    Raises:
+        ValueError: remote flags without --engine openai, or --engine openai without
+            --base-url and --remote-model, or with a flag only the local engine has.
+    """
+    from ragdec.decoding.generator import Generator
+
+    remote_flags = [f"--{name.replace('_', '-')}" for name in ("base_url", "remote_model", "remote_api_key", "remote_context",
+                    "remote_timeout", "remote_read_timeout", "remote_retries") if getattr(args, name) is not None]
+    if args.engine == "local":
+        if remote_flags:
+            raise ValueError(f"{', '.join(remote_flags)}: for a remote engine; add --engine openai (or drop them)")
+        return Generator.load(pipeline_model(args), args.dtype)
+    from ragdec.pipelines.remote import RemoteEngine, RemoteSettings
+
+    missing = [flag for flag, value in (("--base-url URL", args.base_url), ("--remote-model NAME", args.remote_model)) if not value]
+    if missing:
+        raise ValueError(f"--engine openai needs {' and '.join(missing)}, e.g. --base-url http://127.0.0.1:8001/v1 --remote-model NAME")
+    local_only = [flag for name, flag in LOCAL_ONLY_FLAGS.items() if getattr(args, name) not in (None, "auto")] + [
+        "--" + name.replace("_", "-") for name in method_knobs(args)]
+    if local_only:
+        raise ValueError(f"{', '.join(local_only)}: ragdec's in-process decoding; with --engine openai the server decodes its "
+                         "own way (turn on its copy decoding there: vLLM's ngram speculation, llama-server's --spec-type)")
+    settings = RemoteSettings(**given(context_length=args.remote_context, timeout_s=args.remote_timeout,
+                                      read_timeout_s=args.remote_read_timeout, retries=args.remote_retries))
+    api_key = args.remote_api_key or os.environ.get(REMOTE_API_KEY_ENV) or None
+    return RemoteEngine(args.base_url, args.remote_model, api_key, tokenizer=args.model, settings=settings)
 
 
 def build_pipeline(args):
     """The pipeline the flags describe: the store opened (its embedder checked), the QA
-    cache opened unless ``--no-cache``, the model loaded (prepared first when needed)."""
-    from ragdec.decoding.generator import Generator, configure_threads
+    cache opened unless ``--no-cache``, the engine built (``build_engine``)."""
+    from ragdec.decoding.generator import configure_threads
     from ragdec.pipelines.rag import RagPipeline, RagSettings
     from ragdec.pipelines.router import Router, default_method
     from ragdec.retrieval.retriever import Retriever
 
-    configure_threads()
+    if args.engine == "local" or args.store:  # torch runs here: the model, or the store's embedder
+        configure_threads()
     retriever = None
     if args.store:
         store = Path(args.store).expanduser()
@@ -206,6 +297,7 @@ def build_pipeline(args):
         from ragdec.cache.lookup import QACache
 
         cache = QACache.open(db_path(args))
-    generator = Generator.load(args.model, args.dtype)
+    engine = build_engine(args)
     settings = RagSettings(**given(k=args.k, search_mode=args.mode), cache_answers=not args.no_cache)
-    return RagPipeline(generator, retriever, cache, settings, Router(default=args.default_method or default_method(args.model)))
+    router = Router(default=args.default_method or default_method(pipeline_model(args)))
+    return RagPipeline(engine, retriever, cache, settings, router)

@@ -11,20 +11,21 @@ from __future__ import annotations
 import sys
 import textwrap
 
-from .cli_common import add_pipeline_arguments, build_pipeline, generation_params, write_json
+from .cli_common import add_pipeline_arguments, build_pipeline, generation_params, pipeline_model, write_json
 
 
 def stats_line(chunk) -> str:
-    """One line: method, cache outcome, timings, and the decoder's figures."""
+    """One line: method, cache outcome, timings, and the decoder's figures (a remote
+    engine's: those its server reports)."""
     info, stats = chunk.info, chunk.stats
     parts = [f"{info.method}", f"cache {info.cache}", f"{info.seconds:.2f} s", f"first text {info.ttft_s:.2f} s"]
     if stats is not None:
-        parts += [
-            f"{stats.new_tokens} tokens at {info.tokens_per_s:.1f}/s",
-            f"{stats.tokens_per_forward:.2f} tokens/forward",
-            f"{stats.copied_share:.0%} copied",
-            f"{stats.prompt_tokens} prompt tokens ({stats.reused_prompt_tokens} reused)",
-        ]
+        parts.append(f"{stats.new_tokens} tokens at {info.tokens_per_s:.1f}/s")
+        if stats.forward_passes:  # 0: a remote server that does not tell
+            parts.append(f"{stats.tokens_per_forward:.2f} tokens/forward")
+        if stats.drafted_tokens or info.method != "remote":
+            parts.append(f"{stats.copied_share:.0%} copied")
+        parts.append(f"{stats.prompt_tokens} prompt tokens ({stats.reused_prompt_tokens} reused)")
     if info.sources:
         parts.append(f"{len(info.sources)} passages, retrieval {info.retrieval_s * 1000:.0f} ms")
     if info.dropped_turns:
@@ -146,7 +147,8 @@ def cmd_chat(args) -> int:
 
     pipeline = build_pipeline(args)
     session = ChatSession(pipeline, generation_params(args))
-    print(f"ragdec chat with {args.model}" + (f" over {args.store}" if args.store else "") + f". {CHAT_HELP}.", file=sys.stderr)
+    print(f"ragdec chat with {pipeline_model(args)}" + (f" at {args.base_url}" if args.engine == "openai" else "")
+          + (f" over {args.store}" if args.store else "") + f". {CHAT_HELP}.", file=sys.stderr)
     try:
         while True:
             try:

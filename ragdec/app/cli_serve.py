@@ -4,6 +4,7 @@
     ragdec serve --store docs.store --port 9000 --model smollm2-135m-instruct
     ragdec serve --faq-db faq.sqlite                    # answers from curated FAQ answers where safe
     ragdec serve --store docs.store --host 0.0.0.0 --api-key KEY --allowed-host docs.example.org
+    ragdec serve --store docs.store --engine openai --base-url http://10.0.0.5:8000/v1 --remote-model NAME
 
 ``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
 """
@@ -14,7 +15,7 @@ import ipaddress
 import os
 import sys
 
-from .cli_common import add_pipeline_arguments, build_pipeline, generation_params
+from .cli_common import add_pipeline_arguments, build_pipeline, generation_params, pipeline_model
 from .openai_api import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_KB, DEFAULT_MAX_CONNECTIONS
 from .worker import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 
@@ -37,17 +38,20 @@ def build_app(args):
 
         if args.store:
             raise ValueError("--faq-db answers from the FAQ alone: drop --store (or serve the store without --faq-db)")
+        if args.engine != "local":
+            raise ValueError("--faq-db decodes in this process: drop --engine openai (or serve a store with it)")
         path = Path(args.faq_db).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no FAQ cache at {path}: import one with `ragdec faq import FILE --db {path}`")
-        service = FaqService(QACache.open(path), model=args.model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
+        model = pipeline_model(args)
+        service = FaqService(QACache.open(path), model=model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
         service.generator  # load the model now, not on the first question
-        return create_app(FaqPipeline(service), args.model, defaults=defaults, mode="faq", **_scheduling(args), **access_settings(args))
+        return create_app(FaqPipeline(service), model, defaults=defaults, mode="faq", **_scheduling(args), **access_settings(args))
 
+    # a remote engine: clients name the remote model, and --max-batch requests are in flight to it at once
     pipeline = build_pipeline(args)
-    context = getattr(pipeline.generator.model.config, "max_position_embeddings", None)
-    return create_app(pipeline, args.model, retriever=pipeline.retriever, defaults=defaults, context_length=context,
-                      **_scheduling(args), **access_settings(args))
+    return create_app(pipeline, pipeline_model(args), retriever=pipeline.retriever, defaults=defaults,
+                      context_length=pipeline.engine.context_length, **_scheduling(args), **access_settings(args))
 
 
 def _scheduling(args) -> dict:
@@ -102,7 +106,9 @@ def cmd_serve(args) -> int:
     app = build_app(args)
     for warning in exposure_warnings(args):
         print(f"ragdec: warning: {warning}", file=sys.stderr)
-    print(f"ragdec: serving {args.model} at http://{args.host}:{args.port}/ (web chat; OpenAI API under /v1)", file=sys.stderr)
+    through = f" through {args.base_url}" if args.engine == "openai" else ""
+    print(f"ragdec: serving {pipeline_model(args)}{through} at http://{args.host}:{args.port}/ (web chat; OpenAI API under /v1)",
+          file=sys.stderr)
     config = server_config(app, args.host, args.port, header_timeout=args.header_timeout or None,
                            max_connections=args.max_connections or None, log_level=args.log_level)
     uvicorn.Server(config).run()
@@ -117,7 +123,8 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--faq-db", metavar="PATH", help="answer from this FAQ cache (`ragdec faq import`) instead of a store")
     serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
-                       help=f"requests decoding together in one batch (default {DEFAULT_MAX_BATCH}; 1: one at a time)")
+                       help=f"requests decoding together in one batch (default {DEFAULT_MAX_BATCH}; 1: one at a time); "
+                       "with --engine openai, requests in flight to the server at once")
     serve.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
                        help=f"requests waiting at most; past it the server answers 429 with Retry-After (default {DEFAULT_MAX_QUEUE}; 0: no bound)")
     serve.add_argument("--request-timeout", type=float, metavar="SECONDS",

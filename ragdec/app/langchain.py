@@ -9,7 +9,12 @@ Imported on its own so that the rest of ragdec never loads langchain-core::
     chat.invoke("...").response_metadata["ragdec"]["sources"]    # the passages it was given
 
 Every class speaks to ragdec through a pipeline (``Request`` in, ``Chunk`` out): the chat
-model builds a ``RagPipeline`` from its fields, or takes one ready (``pipeline=``).
+model builds a ``RagPipeline`` from its fields, or takes one ready (``pipeline=``). It
+decodes in process, or on an OpenAI-compatible server (``engine="openai"``, as `ragdec ask
+--engine openai`): retrieval, sources and the stats stay the same::
+
+    chat = ChatRagdec(engine="openai", base_url="http://10.0.0.5:8000/v1", remote_model="Qwen/Qwen2.5-0.5B-Instruct",
+                      store="docs.store")
 
 Temperature: ragdec decodes greedily (its copy decoders are lossless only under greedy
 decoding, so a sampled answer would need another decoder). ``temperature`` is accepted as
@@ -19,6 +24,7 @@ the setting would hand its programmer deterministic answers they did not ask for
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -33,7 +39,7 @@ try:
     from langchain_core.retrievers import BaseRetriever
 except ImportError as error:  # pragma: no cover - a dependency of ragdec
     raise ImportError("langchain-core is not installed: pip install langchain-core==1.7.2") from error
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ragdec.decoding.methods import GenerationParams
 from ragdec.pipelines.types import AUTO, Chunk, Request
@@ -75,9 +81,14 @@ def shared_retriever(store: str):
         return _retrievers[key]
 
 
-def _decode_lock(pipeline) -> threading.Lock:
+def _decode_lock(pipeline):
     """One decode at a time per model: LangChain's ``batch`` runs calls in threads, and a
-    model's kept-prefix store is not safe to share between concurrent decodes."""
+    model's kept-prefix store is not safe to share between concurrent decodes. A remote
+    engine's server takes concurrent requests: no lock."""
+    from ragdec.pipelines.remote import RemoteEngine
+
+    if isinstance(getattr(pipeline, "engine", None), RemoteEngine):
+        return contextlib.nullcontext()
     owner = getattr(pipeline, "generator", None) or pipeline
     with _load_lock:
         return _decode_locks.setdefault(owner, threading.Lock())
@@ -135,7 +146,9 @@ class ChatRagdec(BaseChatModel):
     """A LangChain chat model answered by a ragdec pipeline (retrieval, QA cache, copy decoders).
 
     Args:
-        model: the answer model: a zoo name, a local folder or a hub id.
+        model: the answer model: a zoo name, a local folder or a hub id. With
+            ``engine="openai"``, named or not: the tokenizer that measures prompts (not
+            named: an estimate), and ``remote_model`` answers.
         store: a document store built by ``ragdec index build``; None answers from the
             messages alone.
         k, search_mode: passages retrieved per question, and how ("dense", "bm25", "hybrid").
@@ -147,6 +160,10 @@ class ChatRagdec(BaseChatModel):
             as each piece of the answer arrives.
         max_retries: retries of a call that failed before any text came out, for errors
             other than bad input or a timeout (a remote pipeline's connection, say).
+        engine: "local" (decode in process) or "openai" (an OpenAI-compatible server).
+        base_url, remote_model, api_key: the server's API root (``http://HOST:PORT/v1``),
+            the model it answers with, and its key (None: none); for ``engine="openai"``.
+        remote_context: the server's context in tokens (None: ``RemoteSettings``'s default).
         pipeline: a ready pipeline to use instead of building one from the fields above.
 
     Example::
@@ -169,7 +186,13 @@ class ChatRagdec(BaseChatModel):
     timeout: float | None = None
     max_retries: int = 2
     streaming: bool = False  # ``invoke`` streams internally (callbacks see each token)
+    engine: str = "local"
+    base_url: str | None = None
+    remote_model: str | None = None
+    api_key: str | None = Field(default=None, exclude=True, repr=False)
+    remote_context: int | None = None
     pipeline: Any = Field(default=None, exclude=True)
+    _tokenizer: str | None = PrivateAttr(default=None)  # engine="openai": the model named to measure prompts with
 
     @field_validator("temperature")
     @classmethod
@@ -183,9 +206,17 @@ class ChatRagdec(BaseChatModel):
 
     @model_validator(mode="after")
     def _model_of_pipeline(self) -> "ChatRagdec":
-        generator = getattr(self.pipeline, "generator", None)
-        if generator is not None and "model" not in self.model_fields_set:
-            self.model = generator.name
+        engine = getattr(self.pipeline, "engine", None)
+        if engine is not None and "model" not in self.model_fields_set:
+            self.model = engine.name
+        if self.engine not in ("local", "openai"):
+            raise ValueError(f"engine={self.engine!r}: choose 'local' (in process) or 'openai' (an OpenAI-compatible server)")
+        if self.engine == "openai" and self.pipeline is None:
+            if not self.base_url or not self.remote_model:
+                raise ValueError("engine='openai' needs base_url (e.g. 'http://127.0.0.1:8001/v1') and remote_model "
+                                 "(the model the server answers with)")
+            self._tokenizer = self.model if "model" in self.model_fields_set else None
+            self.model = self.remote_model  # what answers: the name callers ask for, and the stats report
         return self
 
     # ---- what LangChain asks of a chat model ----------------------------------------------
@@ -197,8 +228,10 @@ class ChatRagdec(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         """Everything that changes an answer: the same params give the same text (greedy)."""
+        remote = {"engine": self.engine, "base_url": self.base_url} if self.engine != "local" else {}
         return {
             "model_name": self.model,
+            **remote,
             "store": self.store,
             "k": self.k,
             "search_mode": self.search_mode,
@@ -251,8 +284,16 @@ class ChatRagdec(BaseChatModel):
 
             retriever = shared_retriever(self.store) if self.store else None
             settings = RagSettings(k=self.k, search_mode=self.search_mode, cache_answers=False)
-            self.pipeline = RagPipeline(shared_generator(self.model), retriever, settings=settings)
+            self.pipeline = RagPipeline(self._engine(), retriever, settings=settings)
         return self.pipeline
+
+    def _engine(self):
+        if self.engine == "local":
+            return shared_generator(self.model)
+        from ragdec.pipelines.remote import RemoteEngine, RemoteSettings
+
+        settings = RemoteSettings(context_length=self.remote_context) if self.remote_context else RemoteSettings()
+        return RemoteEngine(self.base_url, self.remote_model, self.api_key, tokenizer=self._tokenizer, settings=settings)
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any) -> Request:
         model = kwargs.get("model")

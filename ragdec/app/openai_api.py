@@ -294,8 +294,11 @@ def parse_chat(body: Any, served_model: str, defaults: GenerationParams, context
 
 
 def error_from_chunk(chunk: Chunk) -> ApiError:
-    """The 4xx for a request the pipeline refused (its last chunk, finish_reason "error")."""
+    """The 4xx for a request the pipeline refused (its last chunk, finish_reason "error"),
+    or a 502 when its engine failed (a remote server unreachable, erring, cut off)."""
     message = chunk.info.error if chunk.info and chunk.info.error else "the pipeline could not answer this request"
+    if chunk.info and chunk.info.engine_failed:
+        return ApiError(502, message, None, "engine_failed", "server_error")
     if "prompt limit" in message or "context" in message:
         return ApiError(400, message, "messages", "context_length_exceeded")
     if "decoding method" in message:
@@ -310,6 +313,7 @@ def ragdec_extra(call: ChatCall, last: Chunk, queue_seconds: float) -> dict:
     """ragdec's figures for a request: sources, cache outcome, timings, decoder stats."""
     extra = last.info.as_dict() if last.info else {}
     extra.pop("error", None)
+    extra.pop("engine_failed", None)
     extra["stats"] = last.stats.as_dict() if last.stats else None
     extra["queue_s"] = round(queue_seconds, 4)
     extra["ignored"] = list(call.ignored)

@@ -5,7 +5,7 @@
                                 sources, cache outcome and decoding stats
     GET  /v1/models             the one model served
     POST /v1/retrieve           {"query", "k", "mode"} -> the store's passages
-    GET  /health                model, queue, and what became of the jobs
+    GET  /health                model, engine (local or remote), queue, and what became of the jobs
     GET  /                      the web chat (one static page)
 
 Every request goes through one ``ModelWorker``: in arrival order, up to ``max_batch`` at
@@ -108,7 +108,8 @@ def create_app(
     defaults = defaults or GenerationParams(max_new_tokens=256, method=AUTO)
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-    generator = getattr(pipeline, "generator", None)
+    answering = getattr(pipeline, "engine", None)  # a RagPipeline's engine (engine.py); None: the FAQ service decodes
+    generator = getattr(pipeline, "generator", None)  # None for a remote engine: its server batches
     engine = generator.start_batching(max_batch) if max_batch > 1 and generator is not None else None
     worker = ModelWorker(threads=max_batch, max_queue=max_queue, deadline_s=request_timeout)
     started = int(time.time())
@@ -158,6 +159,7 @@ def create_app(
         body = {
             "status": "ok" if live else "down",
             "model": model_name,
+            "engine": answering.describe() if answering is not None else {"kind": "local"},
             "mode": mode,
             "store": str(getattr(retriever, "folder", "")) or None,
             "worker": {"live": live, "threads": worker.threads, "batch_engine": engine is not None},

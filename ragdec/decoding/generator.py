@@ -93,40 +93,23 @@ def torch_dtype(name: str | None):
     return getattr(torch, name)
 
 
-class Generator:
-    """Answers prompts with one model, by any registered decoding method."""
+class ChatTokenizer:
+    """A model's tokenizer as prompts need it: chat messages to token ids, token counts,
+    ids back to text. What a remote engine measures prompts with when it knows the model
+    (a zoo name or a local folder: the tokenizer loads without the weights)."""
 
-    def __init__(self, model, tokenizer, name: str = ""):
-        self.model = model
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "_name_or_path", "")
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
-        self.method_state: dict[str, object] = {}  # what a method learns across requests
-        self.prefixes = PrefixStore()  # KV of recurring prompt prefixes (see ``stream``)
-        # held around every forward: a batch engine's thread and a caller's own loop (PiD)
-        # may share the model, whose attention setting PiD switches for its forwards
-        self.model_lock = threading.RLock()
-        self.engine = None  # a BatchEngine once ``start_batching``: concurrent callers share its batch
         self._tokenizer_lock = threading.Lock()  # fast tokenizers refuse concurrent calls
 
     @classmethod
-    def load(cls, name_or_path: str, dtype: str | None = None) -> "Generator":
-        """Load a zoo model, a local folder or a hub id (see ``zoo.resolve``).
+    def load(cls, name_or_path: str) -> "ChatTokenizer":
+        """The tokenizer of a zoo model (prepared first when needed), a local folder or a hub id."""
+        from transformers import AutoTokenizer
 
-        Args:
-            dtype: "float32" (the default) or "bfloat16". On CPUs with AMX (``lscpu``
-                flag amx_bf16) bfloat16 reads prompts 10-18x faster and verifies a draft
-                of six tokens in about the time of one; greedy output may differ from
-                float32's, so compare methods at one dtype.
-        """
-        from ragdec.models.zoo import load_causal_lm
+        from ragdec.models.zoo import resolve
 
-        configure_threads()
-        model, tokenizer = load_causal_lm(name_or_path, dtype=torch_dtype(dtype))
-        return cls(model, tokenizer, name=name_or_path)
+        return cls(AutoTokenizer.from_pretrained(resolve(name_or_path)))
 
     def prompt_ids(self, prompt: str | Sequence[dict], chat: bool = True) -> list[int]:
         """Token ids of a prompt: a string (one user message when ``chat``) or OpenAI-style
@@ -149,6 +132,41 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         with self._tokenizer_lock:
             return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+class Generator(ChatTokenizer):
+    """Answers prompts with one model, by any registered decoding method."""
+
+    def __init__(self, model, tokenizer, name: str = ""):
+        super().__init__(tokenizer)
+        self.model = model
+        self.name = name or getattr(model.config, "_name_or_path", "")
+        eos = model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+        self.method_state: dict[str, object] = {}  # what a method learns across requests
+        self.prefixes = PrefixStore()  # KV of recurring prompt prefixes (see ``stream``)
+        # held around every forward: a batch engine's thread and a caller's own loop (PiD)
+        # may share the model, whose attention setting PiD switches for its forwards
+        self.model_lock = threading.RLock()
+        self.engine = None  # a BatchEngine once ``start_batching``: concurrent callers share its batch
+
+    @classmethod
+    def load(cls, name_or_path: str, dtype: str | None = None) -> "Generator":
+        """Load a zoo model, a local folder or a hub id (see ``zoo.resolve``).
+
+        Args:
+            dtype: "float32" (the default) or "bfloat16". On CPUs with AMX (``lscpu``
+                flag amx_bf16) bfloat16 reads prompts 10-18x faster and verifies a draft
+                of six tokens in about the time of one; greedy output may differ from
+                float32's, so compare methods at one dtype.
+        """
+        from ragdec.models.zoo import load_causal_lm
+
+        configure_threads()
+        model, tokenizer = load_causal_lm(name_or_path, dtype=torch_dtype(dtype))
+        return cls(model, tokenizer, name=name_or_path)
 
     def start_batching(self, max_batch: int = 8, prefill_chunk: int | None = None):
         """From now on, ``stream`` calls from any thread join one batch that a thread of its

@@ -1,4 +1,5 @@
-"""Pipelines: Request/Chunk types, the Pipeline protocol, RAG and chat, the router.
+"""Pipelines: Request/Chunk types, the Pipeline protocol, RAG and chat, the router, the
+engines that answer (in process, or on a remote OpenAI-compatible server).
 
 Nothing heavy is imported here; each name loads its module on first use::
 
@@ -24,6 +25,11 @@ _EXPORTS = {
     "question_request": "rag",
     "ChatSession": "chat",
     "RequestError": "prompts",
+    "Engine": "engine",
+    "EngineError": "engine",
+    "LocalEngine": "engine",
+    "RemoteEngine": "remote",
+    "RemoteSettings": "remote",
 }
 
 __all__ = sorted(_EXPORTS)

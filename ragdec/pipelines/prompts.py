@@ -93,9 +93,10 @@ _WHOLE_FIRST_CHARS_PER_TOKEN = 4
 
 @dataclass(frozen=True)
 class Prompt:
-    token_ids: list[int]
+    token_ids: list[int]  # the messages templated, as the engine's tokenizer counts them
     prefix_len: int  # leading tokens shared with the next request (system prompt, history)
     dropped_turns: int  # history messages left out to fit
+    messages: tuple[dict, ...] = ()  # what was templated: system prompt, kept history, user message
 
 
 def history_cuts(history: Sequence[Message]) -> list[int]:
@@ -179,4 +180,4 @@ def build_prompt(
     prefix_len = 0
     while prefix_len < min(len(ids), len(marker)) and ids[prefix_len] == marker[prefix_len]:
         prefix_len += 1
-    return Prompt(ids, prefix_len, cuts[kept])
+    return Prompt(ids, prefix_len, cuts[kept], (*head, user))

@@ -9,9 +9,10 @@ question is rewritten with its context for retrieval.
         v
     retrieval (question + last turns) -> top-k passages fitted to a token budget
         v
-    chat template: system prompt | history | numbered passages + question
+    chat messages: system prompt | history | numbered passages + question
         v
-    decoder (router: llma when there is anything to copy), streamed
+    engine, streamed: in-process decoding (router: llma when there is anything to copy),
+        or an OpenAI-compatible server sent the same messages (engine.py, remote.py)
         v
     answer written back to the cache (standalone questions over the store only), before
     its last chunk: a failed write is logged and told in ``info.warnings``, the answer stands
@@ -25,8 +26,10 @@ import time
 from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
+from ragdec.decoding.generator import Generator
 from ragdec.decoding.methods import GenerationParams
 
+from .engine import Engine, EngineError, LocalEngine
 from .limits import check_limits
 from .prompts import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, RequestError, Source, build_prompt, fit_sources, retrieval_query, split_messages, user_message
 from .router import Router, default_method
@@ -50,7 +53,10 @@ class RagSettings:
 
 
 class RagPipeline:
-    """Answers requests with ``generator``, over ``retriever`` and ``cache`` when given.
+    """Answers requests with ``engine``, over ``retriever`` and ``cache`` when given.
+
+    Args:
+        engine: an ``Engine`` (engine.py), or a ``Generator`` to decode in process with.
 
     Example::
 
@@ -60,12 +66,15 @@ class RagPipeline:
         chunk.info.sources, chunk.stats.tokens_per_forward     # on the last chunk
     """
 
-    def __init__(self, generator, retriever=None, cache=None, settings: RagSettings | None = None, router: Router | None = None):
-        self.generator = generator
+    def __init__(self, engine: Engine | Generator, retriever=None, cache=None, settings: RagSettings | None = None,
+                 router: Router | None = None):
+        self.engine: Engine = LocalEngine(engine) if isinstance(engine, Generator) else engine
+        # the in-process model, for what only it can do (PiD groups, the server's batching); None: remote
+        self.generator = self.engine.generator if isinstance(self.engine, LocalEngine) else None
         self.retriever = retriever  # ragdec.retrieval.Retriever, or None to answer from the request alone
         self.cache = cache  # ragdec.cache.QACache, or None
         self.settings = settings or RagSettings()
-        self.router = router or Router(default=default_method(getattr(generator, "name", "")))
+        self.router = router or Router(default=default_method(self.engine.name))
 
     @property
     def store_version(self) -> str:
@@ -84,7 +93,8 @@ class RagPipeline:
         """Indices of the requests answered together, in order of first appearance: those
         sharing everything but the question (system prompt with its document, history,
         references, params) that leave the method to the router or ask for PiD. Only
-        without a store: retrieval gives each question passages of its own.
+        without a store (retrieval gives each question passages of its own), and only in
+        process (a remote engine answers each request on its own).
 
         Example: [doc+q1, doc+q2, other+q3, doc+q4] -> [[0, 1, 3], [2]].
         """
@@ -92,7 +102,8 @@ class RagPipeline:
         for i, request in enumerate(requests):
             params = request.params
             key: object = ("alone", i)
-            if self.retriever is None and len(request.messages) > 1 and params.method in (AUTO, *BATCH_METHODS):
+            if (self.retriever is None and self.generator is not None and len(request.messages) > 1
+                    and params.method in (AUTO, *BATCH_METHODS)):
                 key = json.dumps(
                     [[dict(m) for m in request.messages[:-1]], list(request.references), params.max_new_tokens,
                      list(params.stop), params.method, dict(params.options)], sort_keys=True, default=str,
@@ -118,7 +129,7 @@ class RagPipeline:
         # 1. the QA cache, keyed on the user's question (never on the assembled prompt)
         outcome = "off"
         if self.cache is not None and standalone:
-            lookup = self.cache.lookup(question, model=self.generator.name, store_version=self.store_version)
+            lookup = self.cache.lookup(question, model=self.engine.name, store_version=self.store_version)
             outcome = lookup.outcome
             if lookup.served:
                 seconds = time.perf_counter() - started
@@ -135,7 +146,7 @@ class RagPipeline:
             hits = self.retriever.search(retrieval_query(question, history), k=settings.k, mode=settings.search_mode)
             retrieval_s = time.perf_counter() - t0
             sources = fit_sources(
-                [Source(h.rank, h.id, h.title, h.text, h.score) for h in hits], settings.passage_tokens, self._count_tokens
+                [Source(h.rank, h.id, h.title, h.text, h.score) for h in hits], settings.passage_tokens, self.engine.count_tokens
             )
         # copyable: passages, earlier turns, the caller's system message (where a chain puts
         # its context), near-hit answers and the caller's references
@@ -147,19 +158,20 @@ class RagPipeline:
         try:
             limit = self._prompt_limit(params.max_new_tokens)
             system = system or (settings.system_prompt if self.retriever is not None else settings.plain_system_prompt)
-            prompt = build_prompt(self._template, system, history, user_message(question, sources), limit)
+            prompt = build_prompt(self.engine.template, system, history, user_message(question, sources), limit)
         except RequestError as error:
             yield _error(index, str(error), outcome)
             return
 
-        # 4. decode, streamed
-        method = self.router.choose(params.method, bool(references))
+        # 4. answer, streamed
+        method = self.engine.method or self.router.choose(params.method, bool(references))
         params = replace(params, method=method)
-        prefix_len = prompt.prefix_len if settings.reuse_prefix else 0
+        if not settings.reuse_prefix:
+            prompt = replace(prompt, prefix_len=0)
         first_text_at = None
         texts: list[str] = []
         try:
-            for chunk in self.generator.stream(prompt.token_ids, params, references, prefix_len):
+            for chunk in self.engine.stream(prompt, params, references):
                 if chunk.text and first_text_at is None:
                     first_text_at = time.perf_counter()
                 texts.append(chunk.text)
@@ -184,14 +196,19 @@ class RagPipeline:
                     warnings=warnings,
                 )
                 yield Chunk(index, chunk.text, chunk.finish_reason, stats, info)
+        except EngineError as error:  # a remote server unreachable, erring, or cut off mid-answer
+            log.warning("the engine failed on a request: %s", error)
+            seconds = time.perf_counter() - started
+            info = AnswerInfo(method, outcome, tuple(sources), seconds, ttft_s=(first_text_at or time.perf_counter()) - started,
+                              retrieval_s=retrieval_s, dropped_turns=prompt.dropped_turns, error=str(error), engine_failed=True)
+            yield Chunk(index, "", "error", None, info)
         except ValueError as error:  # an unknown method, a prompt over the model's context
             yield _error(index, str(error), outcome)
-            return
 
     def _write_back(self, question: str, answer: str) -> tuple[str, ...]:
         """Cache ``answer``; what went wrong, if it failed (the answer is good all the same)."""
         try:
-            self.cache.put(question, answer, model=self.generator.name, store_version=self.store_version)
+            self.cache.put(question, answer, model=self.engine.name, store_version=self.store_version)
         except Exception as error:  # noqa: BLE001 - a full disk or a locked database must not fail the answer
             log.warning("the answer to %r was not written to the QA cache: %s: %s", question[:80], type(error).__name__, error)
             return (f"the answer was not written to the QA cache ({type(error).__name__}: {error})",)
@@ -214,7 +231,7 @@ class RagPipeline:
                 system, history, question = split_messages(request.messages)
                 limit = self._prompt_limit(request.params.max_new_tokens)
                 rows.append((index, build_prompt(
-                    self._template, system or self.settings.plain_system_prompt, history, question, limit,
+                    self.engine.template, system or self.settings.plain_system_prompt, history, question, limit,
                 )))
             except RequestError as error:
                 yield _error(index, str(error))
@@ -246,15 +263,8 @@ class RagPipeline:
 
     # ---- helpers ----------------------------------------------------------------------
 
-    def _template(self, messages: list[dict]) -> list[int]:
-        return self.generator.prompt_ids(messages)
-
-    def _count_tokens(self, text: str) -> int:
-        return self.generator.count_tokens(text)
-
     def _prompt_limit(self, max_new_tokens: int) -> int:
-        context = getattr(self.generator.model.config, "max_position_embeddings", None) or 1 << 30
-        return min(self.settings.max_prompt_tokens, context - max_new_tokens)
+        return min(self.settings.max_prompt_tokens, self.engine.context_length - max_new_tokens)
 
 
 def _error(index: int, message: str, outcome: str = "off") -> Chunk:

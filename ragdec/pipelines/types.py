@@ -60,6 +60,7 @@ class AnswerInfo:
     tokens_per_s: float = 0.0  # new tokens per second of the whole request
     dropped_turns: int = 0  # oldest history messages left out to fit the context
     error: str = ""  # set with finish_reason "error": what went wrong and what to do
+    engine_failed: bool = False  # with error: the engine failed (a remote server unreachable, erring, cut off), not the request
     warnings: tuple[str, ...] = ()  # what failed around a finished answer (its cache write), logged too
 
     def as_dict(self) -> dict:
