@@ -2,15 +2,21 @@
 paragraphs (the shipped sample), files good and bad, a hand-made PDF.
 
 Imported by those modules (``from retrieval_fixtures import ...``); the real embedders are
-the ``minilm`` and ``e5`` fixtures of conftest.py.
+the ``minilm`` and ``e5`` fixtures of conftest.py. ``store_backend`` runs a test once per
+retrieval backend (import it into the test module to use it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
+import pytest
+
 from ragdec.data import sample_corpus_path
+
+QA_DATA = Path(__file__).parent / "data" / "qa"  # 41 SQuAD paragraphs and 81 questions about them
 
 # SQuAD v1.1 dev questions (CC BY-SA 4.0) about paragraphs of the shipped sample corpus
 SAMPLE_QUESTIONS = {
@@ -92,3 +98,19 @@ def write_mixed_corpus(folder: Path) -> dict[str, Path]:
     files["bad_pdf"].write_bytes(b"%PDF-1.4\nthis is not really a pdf\n")
     files["ignored"].write_text("print('not indexed')\n", encoding="utf-8")
     return files
+
+
+def memory_target(folder: Path):
+    """A Qdrant ``:memory:`` target whose collection is the folder's own: a name made from
+    its whole path, since tests of one process share the registry of in-memory collections."""
+    from ragdec.retrieval.qdrant_store import MEMORY, QdrantTarget
+
+    return QdrantTarget(MEMORY, f"{folder.name}-{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}")
+
+
+@pytest.fixture(params=["faiss", "qdrant"])
+def store_backend(request):
+    """Where a test's store keeps its passages: ``store_backend(folder)`` is what to pass as
+    ``qdrant=`` to ``build`` or ``Retriever.open_for_writing``: None (FAISS in the folder),
+    or a Qdrant ``:memory:`` collection of the folder's own."""
+    return (lambda folder: None) if request.param == "faiss" else memory_target

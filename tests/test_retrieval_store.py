@@ -13,7 +13,7 @@ from ragdec.retrieval.ingest import build, ingest
 from ragdec.retrieval.persistence import EmbedderMismatch, Settings, StoreError, read_manifest
 from ragdec.retrieval.retriever import Retriever
 
-from retrieval_fixtures import sample_records, write_jsonl, write_mixed_corpus
+from retrieval_fixtures import sample_records, store_backend, write_jsonl, write_mixed_corpus  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +63,22 @@ def test_search_modes_find_the_right_passage(built, minilm):
             retriever.search("x", mode="sparse")
 
 
-def test_incremental_rebuild_adds_only_new_or_changed(tmp_path, minilm):
+def test_incremental_rebuild_adds_only_new_or_changed(tmp_path, minilm, store_backend):
     docs = tmp_path / "docs"
     docs.mkdir()
     records = sample_records(2)
     write_jsonl(docs / "a.jsonl", records[:8])
     (docs / "b.txt").write_text("Granite lighthouses outlast wooden ones by centuries.", encoding="utf-8")
     folder = tmp_path / "store"
-    first = build([docs], folder, embedder=minilm, progress=False)
+    first = build([docs], folder, embedder=minilm, progress=False, qdrant=store_backend(folder))
     assert first.files_indexed == 2
 
-    again = build([docs], folder, embedder=minilm, progress=False)
+    again = build([docs], folder, embedder=minilm, progress=False)  # the backend is the stored one
     assert (again.files_indexed, again.files_unchanged, again.passages_added) == (0, 2, 0)
     assert read_manifest(folder).generation == 1  # nothing changed, nothing written
 
-    with Retriever.open(folder, minilm) as retriever:
-        stored = retriever.documents.get(retriever.documents.all_ids()).values()
+    with Retriever.open_for_writing(folder, minilm) as writer:  # the documents file, whatever the backend
+        stored = writer.documents.get(writer.documents.all_ids()).values()
         old_chunks = sum(p.record == records[3]["id"] for p in stored)  # a long paragraph is 2 chunks
     # change one record of a.jsonl, add a file that repeats a passage: only the new text is embedded
     changed = [dict(r) for r in records[:8]]
@@ -92,7 +92,8 @@ def test_incremental_rebuild_adds_only_new_or_changed(tmp_path, minilm):
     assert third.duplicates == (first.passages_added - 1 - old_chunks) + 1
     with Retriever.open(folder, minilm) as retriever:
         assert len(retriever) == first.passages_added - old_chunks + 1
-        assert "arctic terns" in retriever.search("arctic tern migration", k=1)[0].text
+        for mode in ("dense", "bm25", "hybrid"):
+            assert "arctic terns" in retriever.search("arctic tern migration", k=1, mode=mode)[0].text
 
     # b.txt vanishes: its passage stays while c.txt holds the same text; pruning c too removes it
     (docs / "b.txt").unlink()
@@ -102,6 +103,9 @@ def test_incremental_rebuild_adds_only_new_or_changed(tmp_path, minilm):
     pruned = build([docs], folder, embedder=minilm, progress=False, prune=True)
     assert (pruned.files_removed, pruned.passages_removed) == (1, 1)
     assert read_manifest(folder).passages == first.passages_added - old_chunks
+    with Retriever.open(folder, minilm) as retriever:  # the backend forgot them too
+        assert len(retriever) == first.passages_added - old_chunks
+        assert all("Granite" not in hit.text for hit in retriever.search("granite lighthouses", k=5, mode="bm25"))
 
 
 def test_another_embedder_is_refused_with_a_fix(built, e5):

@@ -56,13 +56,19 @@ _memory_registry_lock = threading.Lock()
 
 
 def import_qdrant():
+    """qdrant_client, imported on first use.
+
+    Raises:
+        StoreError: it is not installed (a ValueError, so the command line prints the hint
+            as one line).
+    """
     try:
         import qdrant_client
-    except ImportError as error:
-        raise ImportError(
+    except ImportError:
+        raise StoreError(
             "qdrant-client is not installed, and this store keeps its passages in Qdrant: "
             "pip install 'ragdec[qdrant]' (or pip install qdrant-client==1.20.0)"
-        ) from error
+        ) from None
     return qdrant_client
 
 
@@ -259,9 +265,10 @@ class QdrantBackend:
 
     def describe(self, settings: Settings) -> tuple[dict, dict]:
         if self.new_collection or self.bm25_avgdl is None:  # a build from scratch measures its passages
-            self.bm25_avgdl = average_length([counts for _, _, counts in self._pending.values()])
-        avgdl = None if self.bm25_avgdl is None else round(self.bm25_avgdl, 3)
-        return {"kind": "qdrant", "distance": "dot"}, self.target.record() | {"bm25_avgdl": avgdl}
+            measured = average_length([counts for _, _, counts in self._pending.values()])
+            # rounded as recorded, so that later writers weigh terms exactly as this one
+            self.bm25_avgdl = None if measured is None else round(measured, 3)
+        return {"kind": "qdrant", "distance": "dot"}, self.target.record() | {"bm25_avgdl": self.bm25_avgdl}
 
     def publish(self, folder: Path, manifest: Manifest, passage_ids: Sequence[int]) -> None:
         """Upsert the pending passages, delete the points of passages gone, check the ids;

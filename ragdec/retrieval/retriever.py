@@ -110,8 +110,8 @@ class Retriever:
         manifest = read_manifest(folder) if folder.is_dir() else None
         if manifest is None:
             raise FileNotFoundError(f"no index in {folder}: build one with ragdec index build PATH... --store {folder}")
-        embedder = _embedder(embedder, manifest)
-        check_embedder(folder, manifest, embedder.info)
+        # the backend before the embedder: an unreachable server is said at once, not after
+        # a model has loaded
         for _ in range(3):  # a writer may commit, and delete our generation, while we load it
             try:
                 backend = backends.open_reader(folder, manifest, nprobe)
@@ -123,6 +123,12 @@ class Retriever:
                 manifest = latest
         else:
             raise StoreError(f"store {folder} changed three times while being opened; try again")
+        try:
+            embedder = _embedder(embedder, manifest)
+            check_embedder(folder, manifest, embedder.info)
+        except BaseException:
+            backend.close()
+            raise
         return cls(folder, embedder, backend, manifest, Settings(**manifest.settings))
 
     @classmethod
