@@ -1,5 +1,6 @@
 """`ragdec bench retrieval`: recall and MRR of dense E5, BM25, hybrid and MiniLM on SQuAD;
-build throughput; query latency at 1k and 100k passages; memory per vector.
+build throughput; query latency at 1k and 100k passages; memory per vector; and, with
+``--backend faiss,qdrant``, the same recall and latency on Qdrant beside FAISS's.
 
 Quality: the 995 SQuAD v1.1 dev paragraphs of ``qa/squad_passages.jsonl`` are indexed as a
 user would (``ragdec index build``: chunking, titles embedded), and each of the 400
@@ -13,6 +14,12 @@ real passage with its sentences shuffled. Embedding 100k passages would take mor
 hour on 2 cores, and what is timed here (FAISS over 100k vectors, SQLite over 100k rows)
 does not depend on where the vectors came from. Latency is one question at a time, as a
 chatbot asks: embedding, index search and fetching the passages, each timed, p50 and p95.
+
+Backends: the E5 store's passages and vectors (the same ids, the same float32 vectors) are
+copied into a Qdrant collection (``--qdrant URL``, default ``:memory:``), which answers the
+same questions; what differs is the search alone (for BM25, also its idf: see
+``ragdec.retrieval.sparse``). On ``:memory:`` Qdrant is qdrant-client's local mode, a scan
+in Python within this process: its recall is Qdrant's, its latency is not a server's.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ from typing import Sequence
 K_VALUES = (1, 5, 10)
 SCALE = 100_000  # passages in the scale test
 NOISE = 0.05  # per-dimension std of the noise on padded vectors (unit vectors: ~1/sqrt(384) = 0.051 per dim)
+BACKENDS = ("faiss", "qdrant")
+BENCH_COLLECTION = "ragdec-bench-retrieval"  # made on --qdrant for the run, deleted after it
+# the flags of add_arguments, as run_retrieval_bench's keywords
+FLAGS = ("embedder", "baseline_embedder", "scale", "questions", "nprobe", "latency_queries", "backend", "qdrant")
 
 
 def add_arguments(parser) -> None:
@@ -38,6 +49,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--questions", type=int, help="first N questions only")
     parser.add_argument("--nprobe", type=int, help="IVF cells read per query in the scale test (default nlist // 40)")
     parser.add_argument("--latency-queries", type=int, default=200, help="questions timed one at a time")
+    parser.add_argument("--backend", default="faiss", metavar="faiss,qdrant",
+                        help="retrieval backends measured side by side on the same E5 passages and vectors "
+                        "(recall of dense, BM25 and hybrid; query latency); FAISS, the workload's own store, always")
+    parser.add_argument("--qdrant", default=":memory:", metavar="URL",
+                        help=f"the Qdrant measured (collection {BENCH_COLLECTION}, deleted after the run); "
+                        ":memory: is qdrant-client's local mode in this process: its latency is not a server's")
 
 
 def _qa_dir(data: str | None) -> Path:
@@ -108,7 +125,9 @@ def _build_store(passages_file: Path, folder: Path, embedder) -> tuple[object, d
 def _time_queries(retriever, questions: Sequence[str], mode: str = "dense") -> dict:
     """One question at a time: embed, index search, fetch, each timed; and the CPU time of
     the whole, which a lone query spends on this one thread (``Embedder`` and
-    ``VectorIndex`` run it single-threaded), so it is the wall time on an idle core."""
+    ``VectorIndex`` run it single-threaded), so it is the wall time on an idle core. The
+    backend is asked as ``Retriever.search`` asks it, so FAISS and Qdrant are timed alike."""
+    backend = retriever.backend
     embed_s, index_s, fetch_s, total_s, cpu_s = [], [], [], [], []
     for question in questions[:5]:  # warm-up: caches, thread pools
         retriever.search(question, k=5, mode=mode)
@@ -116,20 +135,18 @@ def _time_queries(retriever, questions: Sequence[str], mode: str = "dense") -> d
         c0 = time.thread_time()
         t0 = time.perf_counter()
         if mode == "bm25":
-            ranking = retriever.documents.bm25(question, 5)
-            t2 = t1 = t0
-            ids = [i for i, _ in ranking]
+            t1 = t0
+            ranking = backend.keywords([question], 5)[0]
         else:
             vector = retriever.embedder.embed_queries([question])
             t1 = time.perf_counter()
-            _, id_rows = retriever.index.search(vector, 5)
-            t2 = time.perf_counter()
-            ids = [int(i) for i in id_rows[0] if i >= 0]
-        retriever.documents.get(ids)
+            ranking = backend.dense(vector, 5)[0]
+        t2 = time.perf_counter()
+        backend.passages([i for i, _ in ranking])
         t3 = time.perf_counter()
         cpu_s.append(time.thread_time() - c0)
         embed_s.append(t1 - t0)
-        index_s.append(t2 - t1 if mode != "bm25" else t3 - t0)
+        index_s.append(t2 - t1)
         fetch_s.append(t3 - t2)
         total_s.append(t3 - t0)
     return {"total_ms": _ms_summary(total_s), "embed_ms": _ms_summary(embed_s),
@@ -150,13 +167,13 @@ def _pad_store(retriever, target: int, seed: int = 0) -> float:
     from ragdec.retrieval.store import Passage, content_hash
 
     started = time.perf_counter()
-    real_ids, real_vectors = retriever.index.ids_and_vectors()
+    real_ids, real_vectors = retriever.backend.index.ids_and_vectors()
     real = retriever.documents.get(real_ids.tolist())
     rng = random.Random(seed)
     generator = np.random.default_rng(seed)
     next_id = retriever.documents.next_id()
-    while len(retriever.index) < target:
-        n = min(10_000, target - len(retriever.index))
+    while len(retriever) < target:
+        n = min(10_000, target - len(retriever))
         picks = generator.integers(0, len(real_ids), n)
         vectors = real_vectors[picks] + generator.normal(0, NOISE, (n, real_vectors.shape[1])).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -177,6 +194,55 @@ def _index_agreement(flat, ivf, queries) -> float:
     return round(float(sum(len(set(a) & set(e)) for a, e in zip(approx, exact)) / exact.size), 4)
 
 
+def _copy_to_qdrant(source, folder: Path, url: str):
+    """A Qdrant store in ``folder`` holding ``source``'s passages and vectors under the same
+    ids (no embedding: what is compared is the search); returns its target."""
+    from ragdec.retrieval.persistence import Settings
+    from ragdec.retrieval.qdrant_store import QdrantTarget
+    from ragdec.retrieval.retriever import Retriever
+
+    target = QdrantTarget(url, BENCH_COLLECTION)
+    ids, vectors = source.backend.index.ids_and_vectors()
+    passages = source.backend.passages(ids.tolist())
+    # rebuild: replace the collection a run that died left behind
+    with Retriever.open_for_writing(folder, source.embedder, Settings(**source.manifest.settings), rebuild=True,
+                                    qdrant=target) as writer:
+        for start in range(0, len(ids), 1024):
+            writer.add_passages([passages[int(i)] for i in ids[start : start + 1024]], vectors[start : start + 1024])
+        writer.save()
+    return target
+
+
+def _measure_backend(retriever, texts: Sequence[str], gold: Sequence[str], timed: Sequence[str]) -> dict:
+    """Recall of dense, BM25 and hybrid and the latency of dense and BM25 on one store."""
+    from ragdec.retrieval.backends import location
+
+    return {
+        "store": location(retriever.manifest.backend),
+        "recall": {method: quality(_paragraph_rankings(retriever, texts, mode), gold)
+                   for method, mode in (("e5", "dense"), ("bm25", "bm25"), ("hybrid", "hybrid"))},
+        "latency_ms": {"dense": _time_queries(retriever, timed), "bm25": _time_queries(retriever, timed, "bm25")},
+    }
+
+
+def _qdrant_beside(faiss, tmp: Path, texts, gold, timed, url: str, faiss_measured: dict) -> dict:
+    """The FAISS store ``faiss`` copied into Qdrant and measured alike; and what recall@5
+    Qdrant gains (negative: loses) against FAISS's ``faiss_measured``."""
+    from ragdec.retrieval.qdrant_store import drop
+    from ragdec.retrieval.retriever import Retriever
+
+    target = _copy_to_qdrant(faiss, tmp / "qdrant", url)
+    try:
+        with Retriever.open(tmp / "qdrant", faiss.embedder) as qdrant:
+            measured = _measure_backend(qdrant, texts, gold, timed)
+    finally:
+        drop(target)
+    return {"qdrant": measured, "qdrant_minus_faiss_recall@5": {
+        method: round(measured["recall"][method]["recall@5"] - scores["recall@5"], 4)
+        for method, scores in faiss_measured["recall"].items()
+    }}
+
+
 def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> dict:
     """Run the measurement, print a table, write JSON to ``json_path`` (when given)."""
     from ragdec.bench.harness import write_json
@@ -192,6 +258,10 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
     baseline_name = kwargs.get("baseline_embedder") or "all-minilm-l6-v2"
     scale = SCALE if kwargs.get("scale") is None else kwargs["scale"]
     latency_queries = kwargs.get("latency_queries") or 200
+    backends = [b.strip() for b in (kwargs.get("backend") or "faiss").split(",") if b.strip()]
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown or not backends:
+        raise ValueError(f"--backend {','.join(unknown) or '(none)'}: choose from {','.join(BACKENDS)}")
     qa = _qa_dir(data)
     passages_file = qa / "squad_passages.jsonl"
     records = read_jsonl(passages_file)
@@ -203,7 +273,7 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
         "machine": machine_info(),
         "data": {"passages": len(records), "questions": len(questions), "folder": str(qa)},
         "settings": {"embedder": embedder_name, "baseline_embedder": baseline_name, "k_values": list(K_VALUES),
-                     "hybrid": "reciprocal rank fusion (rrf_k 60) of dense and BM25 top-50"},
+                     "hybrid": "reciprocal rank fusion (rrf_k 60) of dense and BM25 top-50", "backends": backends},
         "methods": {},
         "build": {},
     }
@@ -213,12 +283,16 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
         _, result["build"]["e5"] = _build_store(passages_file, Path(tmp) / "e5", embedder)
         with Retriever.open(Path(tmp) / "e5", embedder) as retriever:
             result["build"]["e5"]["records"] = len({p.record for p in retriever.documents.get(retriever.documents.all_ids()).values()})
-            for method, mode in (("e5", "dense"), ("bm25", "bm25"), ("hybrid", "hybrid")):
-                result["methods"][method] = quality(_paragraph_rankings(retriever, texts, mode), gold)
             timed = texts[:latency_queries]
-            result["latency_ms"] = {"1k": {"passages": len(retriever), "index": retriever.index.spec.kind,
-                                           "dense": _time_queries(retriever, timed),
-                                           "bm25": _time_queries(retriever, timed, "bm25")}}
+            faiss = _measure_backend(retriever, texts, gold, timed)
+            result["methods"].update(faiss["recall"])
+            result["latency_ms"] = {"1k": {"passages": len(retriever), "index": retriever.backend.index.spec.kind,
+                                           **faiss["latency_ms"]}}
+            # 1b. the other backends beside FAISS, on the same passages and vectors
+            result["backends"] = {"faiss": faiss}
+            if "qdrant" in backends:
+                result["backends"] |= _qdrant_beside(retriever, Path(tmp), texts, gold, timed,
+                                                     kwargs.get("qdrant") or ":memory:", faiss)
         # 2. the baseline embedder, dense only
         baseline = Embedder(baseline_name)
         _, result["build"]["minilm"] = _build_store(passages_file, Path(tmp) / "minilm", baseline)
@@ -235,14 +309,14 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
                 manifest = retriever.save()  # "auto" turns the index into IVF at this size
                 save_seconds = time.perf_counter() - started
             with Retriever.open(folder, embedder, nprobe=kwargs.get("nprobe")) as retriever:
-                ivf = retriever.index
+                ivf = retriever.backend.index
                 flat = ivf.convert(IndexSpec("flat"))
                 query_vectors = embedder.embed_queries(texts)
                 entry = {"passages": len(ivf), "pad_seconds": round(pad_seconds, 1), "save_seconds": round(save_seconds, 1),
                          "ivf": ivf.spec.as_dict(), "ivf_agreement_with_exact_at_10": _index_agreement(flat, ivf, query_vectors),
                          "recall_e5_ivf": quality(_paragraph_rankings(retriever, texts, "dense"), gold),
                          "dense_ivf": _time_queries(retriever, timed)}
-                retriever.index = flat
+                retriever.backend.index = flat
                 entry["dense_flat"] = _time_queries(retriever, timed)
                 entry["bm25"] = _time_queries(retriever, timed, "bm25")
                 result["memory"] = {
@@ -276,6 +350,14 @@ def format_table(result: dict) -> str:
                 lines.append(f"latency {scale} {name}: total p50 {timing['total_ms']['p50']:.1f} ms, "
                              f"p95 {timing['total_ms']['p95']:.1f} ms (index p50 {timing['index_ms']['p50']:.2f} ms; "
                              f"CPU p50 {timing['total_cpu_ms']['p50']:.1f} ms)")
+    for name, entry in result.get("backends", {}).items():
+        if not isinstance(entry, dict) or "recall" not in entry:
+            continue
+        recall = ", ".join(f"{method} {scores['recall@1']:.3f}/{scores['recall@5']:.3f}/{scores['recall@10']:.3f}"
+                           for method, scores in entry["recall"].items())
+        latency = ", ".join(f"{mode} p50 {timing['total_ms']['p50']:.1f} p95 {timing['total_ms']['p95']:.1f} ms"
+                            for mode, timing in entry["latency_ms"].items())
+        lines.append(f"{name} ({entry['store']}): recall@1/5/10 {recall}; latency {latency}")
     if "memory" in result:
         memory = result["memory"]
         lines.append(f"memory: {memory['bytes_per_vector_flat']:.0f} B/vector flat, {memory['bytes_per_vector_ivf']:.0f} B/vector IVF, "

@@ -14,15 +14,14 @@ from __future__ import annotations
 from .cli_common import DEFAULT_MODEL, add_dtype_argument, add_method_knobs, given, method_knobs, write_json
 
 DECODING_METHODS = ("hf-greedy", "greedy", "hf-prompt-lookup")  # the decoding workloads' default --methods
-RETRIEVAL_FLAGS = ("embedder", "baseline_embedder", "scale", "questions", "nprobe", "latency_queries")
 
 
 def cmd_bench(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     if args.workload == "retrieval":
-        from ragdec.bench.retrieval import run_retrieval_bench
+        from ragdec.bench.retrieval import FLAGS, run_retrieval_bench
 
-        run_retrieval_bench(args.data, args.json, **{k: getattr(args, k) for k in RETRIEVAL_FLAGS})
+        run_retrieval_bench(args.data, args.json, **{k: getattr(args, k) for k in FLAGS})
         return 0
     if args.workload == "cache":
         from ragdec.bench.cache import run_cache_bench

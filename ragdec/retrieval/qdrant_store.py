@@ -294,7 +294,7 @@ class QdrantBackend:
     def _create_collection(self, generation: int) -> str:
         from qdrant_client import models
 
-        name = f"{self.target.collection}-g{generation}-{secrets.token_hex(3)}"
+        name = f"{self.target.collection}-g{generation}-{secrets.token_hex(3)}"  # see _build_collections
         self.client.create_collection(
             name,
             vectors_config={DENSE: models.VectorParams(size=self.dimension, distance=models.Distance.DOT)},
@@ -353,10 +353,36 @@ class QdrantBackend:
         operations.append(models.CreateAliasOperation(
             create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)))
         self.client.update_collection_aliases(change_aliases_operations=operations)
-        ours = re.compile(re.escape(alias) + r"-g\d+-[0-9a-f]{6}")
-        for name in (c.name for c in self.client.get_collections().collections):
-            if name != collection and ours.fullmatch(name):
+        for name in _build_collections(self.client, alias):
+            if name != collection:
                 self.client.delete_collection(name)
+
+
+def drop(target: QdrantTarget) -> None:
+    """Delete a store's collection: the alias and the collections of its builds (what a
+    benchmark made for itself). The store folder's manifest then points at nothing."""
+    client, lock = _connect(target, create=False)
+    if client is None:
+        return
+    with _reaching(target, lock):
+        if target.collection in _aliases(client):
+            from qdrant_client import models
+
+            client.update_collection_aliases(change_aliases_operations=[
+                models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=target.collection))])
+        for name in _build_collections(client, target.collection):
+            client.delete_collection(name)
+    if target.url == MEMORY:
+        with _memory_registry_lock:
+            _memory_clients.pop(target.collection, None)
+    else:
+        client.close()
+
+
+def _build_collections(client, alias: str) -> list[str]:
+    """The collections that builds of the store ``alias`` made (``<alias>-g<N>-<tag>``)."""
+    ours = re.compile(re.escape(alias) + r"-g\d+-[0-9a-f]{6}")
+    return [c.name for c in client.get_collections().collections if ours.fullmatch(c.name)]
 
 
 def _aliases(client) -> dict[str, str]:
