@@ -102,10 +102,11 @@ class PostgresServer:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(statement)
 
-    def create_database(self, name: str) -> str:
-        """A new empty database (a copy of template0's few MB, tens of milliseconds); its URL."""
-        self.sql(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        return self.url(name)
+    def create_database(self, name: str, owner: str = SUPERUSER) -> str:
+        """A new empty database (a copy of template0's few MB, tens of milliseconds); its URL,
+        as ``owner`` (with its password, for ``PASSWORD_USER``)."""
+        self.sql(f'CREATE DATABASE "{name}" OWNER {owner} TEMPLATE template0')
+        return self.url(name, owner, PASSWORD if owner == PASSWORD_USER else None)
 
     def drop_database(self, name: str) -> None:
         self.sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # FORCE: a test that left a connection open

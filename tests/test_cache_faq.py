@@ -128,8 +128,8 @@ def run(*argv) -> int:
     return args.func(args)
 
 
-def test_commands_end_to_end(tmp_path, faq_file, capsys, weights):
-    db = tmp_path / "cli.sqlite"
+def test_commands_end_to_end(qa_location, tmp_path, faq_file, capsys, weights):
+    db = qa_location
     assert run("faq", "import", faq_file, "--db", db, "--no-paraphrases") == 0
     assert "imported 4 questions as 4 entries" in capsys.readouterr().out
 

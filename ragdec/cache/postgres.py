@@ -130,8 +130,10 @@ def _pg_sql(sql: str) -> str:
 
 class QmarkConnection:
     """A psycopg connection that takes the store's ``?`` placeholders, and that opens itself
-    again when the server dropped it between transactions. Inside a transaction a lost
-    connection stays an error: a write must never seem to commit on a new connection."""
+    again when the server dropped it between transactions: a statement that starts a
+    transaction, or reads on its own, is sent once more on a new connection. Inside a
+    transaction a lost connection stays an error: a write must never seem to commit on a
+    new connection."""
 
     def __init__(self, open_connection):
         self._open = open_connection
@@ -139,17 +141,23 @@ class QmarkConnection:
         self._in_transaction = False
 
     def execute(self, sql: str, params=None):
-        if self.raw.closed:
-            if not self._in_transaction:
-                self.raw = self._open()
-            elif sql == "ROLLBACK":  # the transaction ended with the connection
+        if self._in_transaction:
+            if sql in ("COMMIT", "ROLLBACK"):
                 self._in_transaction = False
-                return None
-        if sql.startswith("BEGIN"):
-            self._in_transaction = True
-        elif sql in ("COMMIT", "ROLLBACK"):
-            self._in_transaction = False
-        return self.raw.execute(_pg_sql(sql), params or None)
+                if sql == "ROLLBACK" and self.raw.closed:  # the transaction ended with the connection
+                    return None
+            return self.raw.execute(_pg_sql(sql), params or None)
+        # between transactions: nothing is lost by sending again on a new connection
+        self._in_transaction = sql.startswith("BEGIN")
+        if self.raw.closed:
+            self.raw = self._open()
+        try:
+            return self.raw.execute(_pg_sql(sql), params or None)
+        except import_psycopg().OperationalError:
+            if not self.raw.closed:  # the server answered: not a lost connection
+                raise
+            self.raw = self._open()
+            return self.raw.execute(_pg_sql(sql), params or None)
 
     def executemany(self, sql: str, rows) -> None:
         with self.raw.cursor() as cursor:
