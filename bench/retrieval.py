@@ -213,7 +213,7 @@ def _copy_to_qdrant(source, folder: Path, url: str):
     return target
 
 
-def _measure_backend(retriever, texts: Sequence[str], gold: Sequence[str], timed: Sequence[str]) -> dict:
+def measure_backend(retriever, texts: Sequence[str], gold: Sequence[str], timed: Sequence[str]) -> dict:
     """Recall of dense, BM25 and hybrid and the latency of dense and BM25 on one store."""
     from ragdec.retrieval.backends import location
 
@@ -225,7 +225,7 @@ def _measure_backend(retriever, texts: Sequence[str], gold: Sequence[str], timed
     }
 
 
-def _qdrant_beside(faiss, tmp: Path, texts, gold, timed, url: str, faiss_measured: dict) -> dict:
+def qdrant_beside(faiss, tmp: Path, texts, gold, timed, url: str, faiss_measured: dict) -> dict:
     """The FAISS store ``faiss`` copied into Qdrant and measured alike; and what recall@5
     Qdrant gains (negative: loses) against FAISS's ``faiss_measured``."""
     from ragdec.retrieval.qdrant_store import drop
@@ -234,7 +234,7 @@ def _qdrant_beside(faiss, tmp: Path, texts, gold, timed, url: str, faiss_measure
     target = _copy_to_qdrant(faiss, tmp / "qdrant", url)
     try:
         with Retriever.open(tmp / "qdrant", faiss.embedder) as qdrant:
-            measured = _measure_backend(qdrant, texts, gold, timed)
+            measured = measure_backend(qdrant, texts, gold, timed)
     finally:
         drop(target)
     return {"qdrant": measured, "qdrant_minus_faiss_recall@5": {
@@ -284,14 +284,14 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
         with Retriever.open(Path(tmp) / "e5", embedder) as retriever:
             result["build"]["e5"]["records"] = len({p.record for p in retriever.documents.get(retriever.documents.all_ids()).values()})
             timed = texts[:latency_queries]
-            faiss = _measure_backend(retriever, texts, gold, timed)
+            faiss = measure_backend(retriever, texts, gold, timed)
             result["methods"].update(faiss["recall"])
             result["latency_ms"] = {"1k": {"passages": len(retriever), "index": retriever.backend.index.spec.kind,
                                            **faiss["latency_ms"]}}
             # 1b. the other backends beside FAISS, on the same passages and vectors
             result["backends"] = {"faiss": faiss}
             if "qdrant" in backends:
-                result["backends"] |= _qdrant_beside(retriever, Path(tmp), texts, gold, timed,
+                result["backends"] |= qdrant_beside(retriever, Path(tmp), texts, gold, timed,
                                                      kwargs.get("qdrant") or ":memory:", faiss)
         # 2. the baseline embedder, dense only
         baseline = Embedder(baseline_name)

@@ -264,3 +264,21 @@ def test_cli_builds_on_memory_and_searches_in_process(tmp_path, weights, capsys)
         assert question["passage_id"] in [h["record"] for h in hits], question
     assert main(args) == 0  # again: nothing changed, nothing written
     assert read_manifest(folder).generation == 1
+
+
+def test_bench_measures_qdrant_beside_faiss(twin_stores, minilm, tmp_path):
+    """``ragdec bench retrieval --backend faiss,qdrant`` on the sample: the FAISS store copied
+    into Qdrant (same ids, same vectors) and measured alike; the copy is dropped after."""
+    from ragdec.bench.retrieval import BENCH_COLLECTION, measure_backend, qdrant_beside
+
+    texts, gold = [q["question"] for q in QUESTIONS], [q["passage_id"] for q in QUESTIONS]
+    with Retriever.open(twin_stores[0], minilm) as faiss:
+        faiss_measured = measure_backend(faiss, texts, gold, texts[:6])
+        compared = qdrant_beside(faiss, tmp_path, texts, gold, texts[:6], ":memory:", faiss_measured)
+    assert compared["qdrant"]["store"] == f"Qdrant collection '{BENCH_COLLECTION}' at :memory:"
+    assert compared["qdrant"]["recall"]["e5"] == faiss_measured["recall"]["e5"]  # the same vectors
+    assert set(compared["qdrant_minus_faiss_recall@5"]) == {"e5", "bm25", "hybrid"}
+    assert all(abs(delta) <= 0.01 for delta in compared["qdrant_minus_faiss_recall@5"].values())
+    assert compared["qdrant"]["latency_ms"]["bm25"]["queries"] == 6
+    with pytest.raises(StoreError, match="lived only in the process"):  # dropped
+        Retriever.open(tmp_path / "qdrant", minilm)
