@@ -41,6 +41,10 @@ def test_url_masking_and_locations_as_documented():
     assert mask_url("postgresql://app@/cache?host=/run/postgresql") == "postgresql://app@/cache?host=/run/postgresql"
     assert cache_location("postgresql://db/cache") == "postgresql://db/cache"  # not a Path: "//" would become "/"
     assert cache_location("~/qa.sqlite") == Path.home() / "qa.sqlite"
+    for other in ("sqlite:///qa.sqlite", "postgresql+psycopg://app:s3cret@db/cache"):
+        with pytest.raises(ValueError, match="is not a PostgreSQL URL") as caught:
+            QAStore.open(other, IDENTITY)
+        assert "s3cret" not in str(caught.value)
 
 
 def test_unreachable_databases_are_named_with_what_to_check(postgres, postgres_url, capsys):

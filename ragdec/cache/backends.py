@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-DATABASE_SCHEMES = ("postgresql://", "postgres://")
+DATABASE_SCHEMES = ("postgresql://", "postgres://")  # libpq's two spellings
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 BUSY_TIMEOUT_S = 30.0  # writers queue behind each other; a hit's counter update is ~1 ms
 
 
@@ -63,24 +64,36 @@ class Backend(Protocol):
 
 
 def is_database_url(location) -> bool:
-    return isinstance(location, str) and location.startswith(DATABASE_SCHEMES)
+    """Whether ``location`` is a URL (``scheme://...``) rather than a file path."""
+    return isinstance(location, str) and _URL.match(location) is not None
 
 
 def cache_location(text: str) -> str | Path:
-    """``--db``'s value: a database URL as given, else a file path, ``~`` expanded.
+    """``--db``'s value: a URL as given, else a file path, ``~`` expanded.
 
     Example: ``cache_location("~/qa.sqlite")`` -> ``Path("/home/me/qa.sqlite")``;
-    ``cache_location("postgresql://db/cache")`` -> ``"postgresql://db/cache"``.
+    ``cache_location("postgresql://db/cache")`` -> ``"postgresql://db/cache"`` (as a Path,
+    its "//" would become "/").
     """
     return text if is_database_url(text) else Path(text).expanduser()
 
 
 def open_backend(location: str | Path) -> Backend:
-    if is_database_url(location):
-        from .postgres import PostgresBackend
+    """The backend of a file path or a ``postgresql://`` URL.
 
-        return PostgresBackend(str(location))
-    return SQLiteBackend(Path(location).expanduser())
+    Raises:
+        ValueError: a URL of another kind (``sqlite:///qa.db``, ``postgresql+psycopg://``).
+    """
+    if not is_database_url(location):
+        return SQLiteBackend(Path(location).expanduser())
+    if not location.startswith(DATABASE_SCHEMES):
+        raise ValueError(
+            f"{mask_url(location)} is not a PostgreSQL URL: pass postgresql://USER@HOST/DATABASE, "
+            "or the path of a SQLite file (without a scheme)"
+        )
+    from .postgres import PostgresBackend
+
+    return PostgresBackend(location)
 
 
 def mask_url(url: str) -> str:

@@ -92,7 +92,7 @@ class PostgresBackend:
 
     def user_error(self, error: Exception) -> Exception | None:
         psycopg = import_psycopg()
-        if isinstance(error, psycopg.OperationalError):  # refused, dropped, shut down
+        if isinstance(error, psycopg.OperationalError) and _connection_lost(error):
             return self._unreachable(error)
         if isinstance(error, psycopg.Error) and error.sqlstate == "42501":  # insufficient privilege
             return CacheUnreachableError(
@@ -113,6 +113,12 @@ class PostgresBackend:
         else:
             check = "that PostgreSQL runs at that host and port (or socket folder) and accepts connections from this machine"
         return CacheUnreachableError(f"cannot use the QA cache database {self.location}: {reason}; check {check}")
+
+
+def _connection_lost(error) -> bool:
+    """Refused, dropped or shut down (libpq's own errors have no SQLSTATE; class 08 is the
+    connection's, 57P01-57P03 the server shutting down), not a deadlock or a timeout."""
+    return error.sqlstate is None or error.sqlstate.startswith(("08", "57P"))
 
 
 def _one_line(error, password: str) -> str:
