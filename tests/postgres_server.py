@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -82,10 +83,9 @@ class PostgresServer:
         return server
 
     def _pg(self, program: str, *args: str) -> None:
-        command = [str(self.binaries / program), *args]
-        if self.run_as:
-            command = ["runuser", "-u", self.run_as, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=self.folder)
+        user = pwd.getpwnam(self.run_as) if self.run_as else None
+        as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+        done = subprocess.run([str(self.binaries / program), *args], capture_output=True, text=True, cwd=self.folder, **as_user)
         if done.returncode != 0:
             log = self.folder / "server.log"
             raise RuntimeError(f"{program} failed ({done.returncode}): {done.stderr.strip()}"
