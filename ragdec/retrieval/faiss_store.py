@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import ClassVar, Sequence
 
 from .index import IndexFileError, IndexSpec, VectorIndex, choose_spec
-from .persistence import FAISS_FORMAT, FAISS_RECORD, Manifest, Settings, StoreError, rebuild_hint
-from .store import DocumentStore, Passage, StoreFileError
+from .persistence import (
+    FAISS_FORMAT,
+    FAISS_RECORD,
+    Manifest,
+    Settings,
+    StoreError,
+    check_counts,
+    open_documents,
+    rebuild_hint,
+)
+from .store import DocumentStore, Passage
 
 RETRAIN_GROWTH = 4  # retrain IVF cells once the index holds 4x what they were trained on
 
@@ -101,11 +110,7 @@ def open_writer(folder: Path, manifest: Manifest | None, record: dict, dimension
     if manifest is None or rebuild:
         return FaissBackend(VectorIndex.empty(dimension), None)
     index = _load_index(folder, manifest)
-    if len(index) != manifest.passages:
-        raise StoreError(
-            f"store {folder} is inconsistent: manifest says {manifest.passages} passages, index holds "
-            f"{len(index)}; {rebuild_hint(folder)}"
-        )
+    check_counts(folder, manifest, index=len(index))
     return FaissBackend(index, None)
 
 
@@ -119,17 +124,8 @@ def _load_index(folder: Path, manifest: Manifest) -> VectorIndex:
 def _load_generation(folder: Path, manifest: Manifest) -> FaissBackend:
     """The index and documents of the manifest's generation, checked against each other."""
     index = _load_index(folder, manifest)
-    try:
-        documents = DocumentStore.open(folder / manifest.documents_file, readonly=True)
-    except (StoreFileError, FileNotFoundError) as error:
-        raise StoreError(f"{error}; {rebuild_hint(folder)}") from None
-    if not (len(index) == len(documents) == manifest.passages):
-        documents.close()
-        raise StoreError(
-            f"store {folder} is inconsistent: manifest says {manifest.passages} passages, index holds "
-            f"{len(index)}, documents {len(documents)}; {rebuild_hint(folder)}"
-        )
-    return FaissBackend(index, documents)
+    check_counts(folder, manifest, index=len(index))
+    return FaissBackend(index, open_documents(folder, manifest))
 
 
 def _check_generation(folder: Path, manifest: Manifest) -> None:

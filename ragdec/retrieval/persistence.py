@@ -33,6 +33,8 @@ from pathlib import Path
 
 from ragdec.files import write_json
 
+from .store import DocumentStore, StoreFileError
+
 MANIFEST = "manifest.json"
 FORMAT = 2  # layout of the folder; bump when a reader of the old layout would misread it
 FAISS_FORMAT = 1  # a FAISS store's folder is still format 1: older ragdecs read it as before
@@ -105,6 +107,44 @@ def read_manifest(folder: Path) -> Manifest | None:
     if manifest.format > FORMAT:
         raise StoreError(f"{folder} was written by a newer ragdec (format {manifest.format}); upgrade ragdec")
     return manifest
+
+
+def check_counts(folder: Path, manifest: Manifest, **held: int) -> None:
+    """Refuse a generation whose files hold another number of passages than its manifest.
+
+    Example: ``check_counts(folder, manifest, index=41, documents=40)`` with 41 passages in
+    the manifest raises "store ... is inconsistent: manifest says 41 passages, files hold
+    index 41, documents 40; rebuild it: ...".
+    """
+    if all(count == manifest.passages for count in held.values()):
+        return
+    counts = ", ".join(f"{name} {count}" for name, count in held.items())
+    raise StoreError(f"store {folder} is inconsistent: manifest says {manifest.passages} passages, "
+                     f"files hold {counts}; {rebuild_hint(folder)}")
+
+
+def open_documents(folder: Path, manifest: Manifest) -> DocumentStore:
+    """The documents file of the manifest's generation, read only, its count checked.
+
+    Raises:
+        StoreError: missing (a folder copied with its manifest alone), damaged, inconsistent.
+    """
+    path = folder / manifest.documents_file
+    if not path.is_file():
+        raise StoreError(
+            f"{path} is missing (a Qdrant store's folder holding only its manifest can be searched, "
+            f"not added to: build from the folder the store was built in); or {rebuild_hint(folder)}"
+        )
+    try:
+        documents = DocumentStore.open(path, readonly=True)
+    except StoreFileError as error:
+        raise StoreError(f"{error}; {rebuild_hint(folder)}") from None
+    try:
+        check_counts(folder, manifest, documents=len(documents))
+    except StoreError:
+        documents.close()
+        raise
+    return documents
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -35,13 +35,14 @@ from .persistence import (
     StoreError,
     WriterLock,
     check_embedder,
+    open_documents,
     read_manifest,
     rebuild_hint,
     remove_stale_files,
     utc_now,
     write_manifest,
 )
-from .store import DocumentStore, Passage, StoreFileError, content_hash
+from .store import DocumentStore, Passage, content_hash
 
 MODES = ("dense", "bm25", "hybrid")
 HYBRID_CANDIDATES = 50  # taken from each of dense and BM25 before fusing
@@ -172,7 +173,7 @@ class Retriever:
                 working = folder / f".documents.{_next_generation(manifest)}.sqlite.partial"
                 working.unlink(missing_ok=True)
                 if continuing:
-                    documents = _open_documents(folder, manifest)
+                    documents = open_documents(folder, manifest)
                     documents.backup_to(working)
                     documents.close()
                 backend.documents = DocumentStore.open(working)
@@ -367,24 +368,3 @@ def _backend_record(folder: Path, manifest: Manifest | None, qdrant, rebuild: bo
         f"store {folder} keeps its passages in the {backends.location(stored)}; to move them to the "
         f"{qdrant}, {rebuild_hint(folder)} --qdrant {qdrant.url} --collection {qdrant.collection}"
     )
-
-
-def _open_documents(folder: Path, manifest: Manifest) -> DocumentStore:
-    """The documents file of the manifest's generation, which a writer continues."""
-    path = folder / manifest.documents_file
-    if not path.is_file():
-        raise StoreError(
-            f"{path} is missing: a store folder holding only its manifest can be searched (Qdrant stores) "
-            f"but not added to; build from the folder the store was built in, or {rebuild_hint(folder)}"
-        )
-    try:
-        documents = DocumentStore.open(path, readonly=True)
-    except StoreFileError as error:
-        raise StoreError(f"{error}; {rebuild_hint(folder)}") from None
-    if len(documents) != manifest.passages:
-        documents.close()
-        raise StoreError(
-            f"store {folder} is inconsistent: manifest says {manifest.passages} passages, documents hold "
-            f"{len(documents)}; {rebuild_hint(folder)}"
-        )
-    return documents
