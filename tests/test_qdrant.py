@@ -227,7 +227,9 @@ def test_saves_deletes_and_rebuilds_reach_the_collection(tmp_path, minilm):
     assert build([docs], folder, embedder=minilm, progress=False, qdrant=target).passages_added == 7
     reader = Retriever.open(folder, minilm)
     with Retriever.open_for_writing(folder, minilm) as writer:
-        writer.add_texts(["The harbour master logs every ship that enters after dark."], source="harbour")
+        harbour = "The harbour master logs every ship that enters after dark."
+        ids = writer.add_texts([harbour], source="harbour")
+        assert writer.add_texts([harbour], source="harbour") == ids  # stored once
         assert len(writer) == 8 and len(reader) == 7  # nothing is published before save
         writer.save()
         assert reader.search("who logs ships at night?", k=1, mode="hybrid")[0].passage.source == "harbour"

@@ -44,9 +44,12 @@ def cmd_index_build(args) -> int:
         raise ValueError(f"--store {store} is a file; give a folder (it is created if missing)")
     qdrant = None
     if args.qdrant:
-        from ragdec.retrieval.qdrant_store import QdrantTarget
+        from ragdec.retrieval.qdrant_store import MEMORY, QdrantTarget
 
         qdrant = QdrantTarget.for_store(args.qdrant, store, args.collection)
+        if qdrant.url == MEMORY:
+            print(f"note: --qdrant {MEMORY} keeps the collection in this process only: it is gone when this "
+                  "command ends (use it from Python, for tests; give a server URL to keep a store)", file=sys.stderr)
     elif args.collection:
         raise ValueError("--collection names a Qdrant collection: give --qdrant URL with it")
     manifest = read_manifest(store) if store.is_dir() else None

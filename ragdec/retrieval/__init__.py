@@ -1,10 +1,11 @@
-"""Retrieval: E5 embedder, FAISS index, SQLite document store, ingestion.
+"""Retrieval: E5 embedder, FAISS index or Qdrant collection, SQLite document store, ingestion.
 
 Nothing heavy is imported here; each name loads its module on first use::
 
     from ragdec.retrieval import Retriever, build
     build(["docs/"], "docs.store")                       # ragdec index build docs/ --store docs.store
     Retriever.open("docs.store").search("how do I ...?", k=5, mode="hybrid")
+    build(["docs/"], "shared.store", qdrant=QdrantTarget("http://qdrant:6333", "docs"))  # --qdrant URL
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _EXPORTS = {
     "Settings": "persistence",
     "StoreError": "persistence",
     "EmbedderMismatch": "persistence",
+    "QdrantTarget": "qdrant_store",
     "Retriever": "retriever",
     "SearchHit": "retriever",
     "ingest": "ingest",

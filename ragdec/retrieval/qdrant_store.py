@@ -216,7 +216,7 @@ class QdrantBackend:
         from qdrant_client import models
 
         queries = [query_vector(question) for question in questions]
-        asked = [i for i, (indices, _) in enumerate(queries) if indices]  # a question of stopwords only matches nothing
+        asked = [i for i, (indices, _) in enumerate(queries) if indices]  # a question without a word matches nothing
         requests = [models.QueryRequest(query=models.SparseVector(indices=queries[i][0], values=queries[i][1]),
                                         using=BM25, limit=k) for i in asked]
         rankings: list[list[tuple[int, float]]] = [[] for _ in questions]
@@ -250,8 +250,10 @@ class QdrantBackend:
     def add(self, passages: Sequence[Passage], vectors) -> None:
         import numpy as np
 
+        if not passages:
+            return
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(passages), -1)
-        if len(passages) and vectors.shape[1] != self.dimension:
+        if vectors.shape[1] != self.dimension:
             raise ValueError(f"vectors must be [n, {self.dimension}], got {list(vectors.shape)}")
         terms = passage_terms([p.title for p in passages], [p.text for p in passages])
         for passage, vector, counts in zip(passages, vectors, terms):
