@@ -14,11 +14,19 @@ with no kept prefixes, so both prefill the same parts.
 Speeds: ``tokens_per_s`` is new tokens over the request's whole time (retrieval, prompt,
 prefill, decode: what a user waits), median over questions; ``decode_tokens_per_s`` is the
 decode phase alone (as in the decoding benchmarks).
+
+qa through a remote engine (``--engine``): ``openai`` asks the questions through the
+OpenAI-compatible server at ``--base-url`` (retrieval and prompts here, the model there);
+``loopback`` measures what the remote path costs: `ragdec serve` of the same model on
+127.0.0.1 (one request at a time, the same method), and each question answered in process
+and through it, alternating, over the same retrieval here; ``remote_overhead`` has the
+medians of both end-to-end times, of their ratio per question, and of the difference.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 import statistics
 import string
@@ -30,6 +38,7 @@ from typing import Sequence
 from .workloads import data_dir, read_jsonl
 
 QA_METHODS = ("greedy", "llma")
+QA_ENGINES = ("local", "openai", "loopback")  # see the module's docstring
 CHAT_TURNS = 5  # questions asked per CoQA story
 
 
@@ -159,40 +168,51 @@ def _qa_store(data: Path, folder: Path):
 
 
 def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods=None, limit: int | None = None,
-                 max_new_tokens: int = 128, k: int = 5, store: str | None = None, progress: bool = True) -> dict:
-    """Measure `qa` (see the module's docstring); write JSON to ``json_path`` unless None."""
+                 max_new_tokens: int = 128, k: int = 5, store: str | None = None, engine: str = "local",
+                 base_url: str | None = None, remote_model: str | None = None, progress: bool = True) -> dict:
+    """Measure `qa` (see the module's docstring); write JSON to ``json_path`` unless None.
+
+    Args:
+        engine: "local" (``methods`` in process), "openai" (through the server at
+            ``base_url`` answering with ``remote_model``; ``model``'s tokenizer measures the
+            prompts) or "loopback" (one method in process and through `ragdec serve` of
+            ``model`` on 127.0.0.1, alternating).
+    """
     from tqdm import tqdm
 
-    from ragdec.decoding.generator import Generator, configure_threads
+    from ragdec.decoding.generator import configure_threads
     from ragdec.decoding.methods import GenerationParams
-    from ragdec.pipelines.rag import RagPipeline, RagSettings
+    from ragdec.pipelines.rag import RagSettings
     from ragdec.pipelines.types import Request
 
     from .harness import write_json
     from .machine import machine_info
 
+    if engine not in QA_ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(QA_ENGINES)}")
     configure_threads()
     root = data_dir(data)
     questions = read_jsonl(root / "qa" / "squad_questions.jsonl")[: limit or None]
     specs = _methods(methods)
-    with tempfile.TemporaryDirectory(prefix="ragdec-bench-qa-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ragdec-bench-qa-") as tmp, contextlib.ExitStack() as stack:
         retriever = _qa_store(root, Path(store) if store else Path(tmp) / "squad")
-        generator = Generator.load(model)
-        pipeline = RagPipeline(generator, retriever, cache=None, settings=RagSettings(k=k))
+        stack.callback(retriever.close)
+        runs = _qa_runs(engine, specs if methods or engine != "loopback" else specs[:1], model, retriever,
+                        RagSettings(k=k), base_url, remote_model, stack)
         records = {pid: p.record for pid, p in retriever.documents.get(retriever.documents.all_ids()).items()}
 
-        def ask(question: str, name: str, options: dict):
+        def ask(question: str, pipeline, name: str, options: dict):
             params = GenerationParams(max_new_tokens=max_new_tokens, method=name, options=options)
             return _run_request(pipeline, Request([{"role": "user", "content": question}], params=params))
 
-        for _, name, options in specs:  # warm-up: thread pools, the kept system prompt, cost model
-            ask(questions[0]["question"], name, options)
-        rows: dict[str, list[dict]] = {label: [] for label, _, _ in specs}
+        for _, pipeline, name, options in runs:  # warm-up: thread pools, the kept system prompt, cost model, connections
+            ask(questions[0]["question"], pipeline, name, options)
+        rows: dict[str, list[dict]] = {label: [] for label, _, _, _ in runs}
         items = tqdm(enumerate(questions), total=len(questions), desc="bench qa", unit="question", disable=not progress)
         for i, q in items:
-            order = specs[i % len(specs):] + specs[: i % len(specs)]
-            for label, name, options in order:
-                text, chunk, seconds = ask(q["question"], name, options)
+            order = runs[i % len(runs):] + runs[: i % len(runs)]
+            for label, pipeline, name, options in order:
+                text, chunk, seconds = ask(q["question"], pipeline, name, options)
                 row = _row(text, chunk, seconds)
                 answer = strip_citations(text)
                 row["f1"] = best_over(f1_score, answer, q["answers"])
@@ -200,7 +220,6 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
                 row["contains_answer"] = float(any(normalize_answer(a) in normalize_answer(answer) for a in q["answers"]))
                 row["retrieved_gold"] = float(any(records.get(s.id) == q["passage_id"] for s in chunk.info.sources))
                 rows[label].append(row)
-        retriever.close()
 
     def quality(method_rows):
         return {
@@ -210,20 +229,80 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
             "retrieval_hit_rate": round(statistics.mean(r["retrieved_gold"] for r in method_rows), 4),
         }
 
-    reference = specs[0][0]
+    reference = runs[0][0]
     result = {
         "workload": "qa",
         "machine": machine_info(),
-        "settings": {"model": model, "methods": [s[0] for s in specs], "reference": reference, "questions": len(questions),
+        "settings": {"model": model, "methods": list(rows), "reference": reference, "questions": len(questions),
                      "max_new_tokens": max_new_tokens, "k": k, "retrieval": "dense, multilingual-e5-small, flat index",
-                     "speed": "tokens_per_s: new tokens / whole request time (retrieval, prompt, prefill, decode), median"},
+                     "speed": "tokens_per_s: new tokens / whole request time (retrieval, prompt, prefill, decode), median",
+                     "engine": engine, **({"base_url": base_url, "remote_model": remote_model} if engine == "openai" else {})},
         "methods": _summary(rows, reference, quality),
         "examples": [{"question": q["question"], "answers": q["answers"], "answer": rows[reference][i]["text"]} for i, q in enumerate(questions[:5])],
     }
+    if engine == "loopback":
+        result["remote_overhead"] = remote_overhead(rows["in-process"], rows["remote"], runs[0][2])
     print(format_table(result))
     if json_path:
         write_json(result, json_path)
     return result
+
+
+def _qa_runs(engine: str, specs, model: str, retriever, settings, base_url: str | None, remote_model: str | None,
+             stack: contextlib.ExitStack) -> list[tuple[str, object, str, dict]]:
+    """(label, pipeline, method, options): each way `qa` answers the questions, over one
+    ``retriever``; what must stop at the end (a server, a connection pool) goes on ``stack``."""
+    from ragdec.decoding.generator import ChatTokenizer, Generator
+    from ragdec.pipelines.rag import RagPipeline
+    from ragdec.pipelines.remote import RemoteEngine
+    from ragdec.pipelines.types import AUTO
+
+    from .server_load import free_port, start_server, stop_server
+
+    if engine == "openai":
+        if not base_url or not remote_model:
+            raise ValueError("--engine openai needs --base-url URL and --remote-model NAME")
+        remote = RemoteEngine(base_url, remote_model, tokenizer=model)
+        stack.callback(remote.close)
+        return [("remote", RagPipeline(remote, retriever, settings=settings), AUTO, {})]
+    generator = Generator.load(model)
+    local = RagPipeline(generator, retriever, settings=settings)
+    if engine == "local":
+        return [(label, local, name, options) for label, name, options in specs]
+    (label, name, options), *others = specs
+    if others or options:
+        raise ValueError(f"--engine loopback compares one method without knobs, in process and served: give --methods {name}")
+    # the server runs the method of the in-process side, one request at a time (no batching loop), and no store: the
+    # retrieval here gives both sides the same passages
+    port = free_port()
+    server = start_server(port, model, ["--no-cache", "--max-batch", "1", "--method", name])
+    stack.callback(stop_server, server)
+    remote = RemoteEngine(f"http://127.0.0.1:{port}/v1", model, tokenizer=ChatTokenizer(generator.tokenizer))
+    stack.callback(remote.close)
+    return [("in-process", local, name, options), ("remote", RagPipeline(remote, retriever, settings=settings), name, options)]
+
+
+def remote_overhead(local_rows: list[dict], remote_rows: list[dict], method: str) -> dict:
+    """What answering through the loopback server added to each question's end-to-end time:
+    medians of both times, of remote / in-process per question, and of the difference.
+
+    Example: in-process 2.0 and 4.0 s, remote 2.2 and 4.1 s -> ratios 1.1 and 1.025
+    (median 1.0625), differences 200 and 100 ms (median 150).
+    """
+    pairs = list(zip(local_rows, remote_rows))
+    return {
+        "method": method,
+        "seconds_in_process": _median(r["seconds"] for r in local_rows),
+        "seconds_remote": _median(r["seconds"] for r in remote_rows),
+        "ratio_remote_to_in_process": _median(remote["seconds"] / local["seconds"] for local, remote in pairs),
+        "overhead_ms": _median(1000 * (remote["seconds"] - local["seconds"]) for local, remote in pairs),
+        "ttft_s_in_process": _median(r["ttft_s"] for r in local_rows),
+        "ttft_s_remote": _median(r["ttft_s"] for r in remote_rows),
+        "identical": round(sum(local["text"] == remote["text"] for local, remote in pairs) / len(pairs), 4),
+        "setup": "ragdec serve of the same model on 127.0.0.1 (--max-batch 1, --method as in process, no store, no QA "
+                 "cache); retrieval and prompts in the benchmark's process for both; alternating per question after a "
+                 "warm-up of each; seconds: request in to last chunk out, measured by the benchmark",
+    }
 
 
 def run_chat_bench(data: str | None, json_path: str | None, *, model: str, methods=None, limit: int | None = None,
@@ -307,5 +386,10 @@ def format_table(result: dict) -> str:
             f"  {method:<14} {quality}; {m['tokens_per_s']:.2f} tokens/s end to end "
             f"({m[f'speedup_vs_{suffix}']:.2f}x), decode {m['decode_tokens_per_s']:.2f} ({m[f'decode_speedup_vs_{suffix}']:.2f}x), "
             f"ttft {m['ttft_s']:.2f} s, {m['mean_tokens_per_forward']:.2f} tokens/forward, identical {m[f'identical_to_{suffix}']:.2f}"
+        )
+    if overhead := result.get("remote_overhead"):
+        lines.append(
+            f"  remote path ({overhead['method']}): {overhead['seconds_remote']:.3f} s against {overhead['seconds_in_process']:.3f} s "
+            f"in process, ratio {overhead['ratio_remote_to_in_process']:.3f}, +{overhead['overhead_ms']:.0f} ms (medians)"
         )
     return "\n".join(lines)

@@ -97,6 +97,15 @@ def start_server(port: int, model: str | None, serve_args: list[str]) -> subproc
     raise RuntimeError("ragdec serve did not answer /health within 300 s")
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server of ``start_server``: asked to end, killed after 30 s."""
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
 def ask(port: int, model: str, question: str, stream: bool, max_new_tokens: int) -> dict:
     """One request: status, text, id, latency (and time to the first content when streamed)."""
     body = {"model": model, "messages": [{"role": "user", "content": question}],
@@ -200,11 +209,7 @@ def run_server_load(json_path: str | None, model: str | None = None, max_new_tok
             wall = time.perf_counter() - started
             health = settled_health(port, expected_jobs=len(asked) + len(results))
         finally:
-            server.terminate()
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
 
     answered = [r for r in results if r[2]["status"] == 200 and r[2]["done"]]
     mixed = [(q, r["text"]) for q, _, r in answered if r["text"] != reference[q]]

@@ -173,6 +173,16 @@ def test_token_estimate_and_sse_reader_examples():
     assert list(sse_events(lines)) == [{"a": 1}, None]
 
 
+def test_the_loopback_benchmarks_overhead_figures_example():
+    from ragdec.bench.qa import remote_overhead
+
+    local = [{"seconds": 2.0, "ttft_s": 0.5, "text": "a"}, {"seconds": 4.0, "ttft_s": 0.7, "text": "b"}]
+    remote = [{"seconds": 2.2, "ttft_s": 0.6, "text": "a"}, {"seconds": 4.1, "ttft_s": 0.8, "text": "c"}]
+    figures = remote_overhead(local, remote, "greedy")
+    assert figures["ratio_remote_to_in_process"] == pytest.approx(1.0625) and figures["overhead_ms"] == pytest.approx(150)
+    assert (figures["seconds_in_process"], figures["seconds_remote"], figures["identical"]) == (3.0, 3.15, 0.5)
+
+
 # ---- failures -----------------------------------------------------------------------------------
 
 

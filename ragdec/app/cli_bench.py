@@ -62,9 +62,12 @@ def cmd_bench(args) -> int:
     if args.workload in ("qa", "chat-pipeline"):
         from ragdec.bench import qa
 
-        common = dict(model=args.model or DEFAULT_MODEL, methods=methods, limit=args.limit) | given(max_new_tokens=args.max_new_tokens)
+        # through a remote server, a model named is only the tokenizer that measures prompts (none: the estimate)
+        model = args.model if args.engine == "openai" else args.model or DEFAULT_MODEL
+        common = dict(model=model, methods=methods, limit=args.limit) | given(max_new_tokens=args.max_new_tokens)
         if args.workload == "qa":
-            qa.run_qa_bench(args.data, args.json, **common, **given(k=args.k))
+            qa.run_qa_bench(args.data, args.json, **common, **given(k=args.k, engine=args.engine, base_url=args.base_url,
+                                                                     remote_model=args.remote_model))
         else:
             qa.run_chat_bench(args.data, args.json, **common, **given(turns=args.turns))
         return 0
@@ -129,6 +132,11 @@ def register(subparsers) -> None:
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, help="qa: passages retrieved per question (default 5)")
     bench.add_argument("--turns", type=int, help="chat-pipeline: questions asked per CoQA story (default 5)")
+    bench.add_argument("--engine", metavar="local|openai|loopback", help="qa: local (default: the methods in process); openai: the "
+                       "questions through the server at --base-url; loopback: one method (--methods, default greedy) in "
+                       "process and through `ragdec serve` of --model on 127.0.0.1, alternating: the remote path's overhead")
+    bench.add_argument("--base-url", metavar="URL", help="qa --engine openai: the server's API root, e.g. http://127.0.0.1:8001/v1")
+    bench.add_argument("--remote-model", metavar="NAME", help="qa --engine openai: the model the server answers with")
     bench.add_argument("--clients", type=int, help="server-load: concurrent clients (default 20); with --load, 16")
     bench.add_argument("--requests-per-client", "--requests", type=int, dest="requests_per_client",
                        help="server-load: requests each client sends (default 10); with --load, 4")
