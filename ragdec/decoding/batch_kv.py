@@ -71,7 +71,18 @@ PACKED_GQA = "ragdec_packed_gqa_sdpa"  # the attention implementation PiD's forw
 
 @lru_cache(maxsize=1)
 def _register_packed_gqa() -> str:
-    """Register ``PACKED_GQA``: sdpa that never repeats the key/value heads.
+    """Register ``PACKED_GQA`` (``packed_gqa_attention``) with transformers, once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_GQA, packed_gqa_attention())
+    AttentionMaskInterface.register(PACKED_GQA, sdpa_mask)
+    return PACKED_GQA
+
+
+@lru_cache(maxsize=1)
+def packed_gqa_attention():
+    """Sdpa that never repeats the key/value heads (a transformers attention function).
 
     With grouped-query attention (Qwen2.5 0.5B: 14 query heads, 2 key/value heads) and a
     mask, transformers' sdpa repeats every layer's keys and values per query head when more
@@ -81,9 +92,7 @@ def _register_packed_gqa() -> str:
     gives the kernel the shared keys as they are.
     """
     import torch
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         groups = getattr(module, "num_key_value_groups", 1)
@@ -97,9 +106,7 @@ def _register_packed_gqa() -> str:
         out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
         return out.reshape(batch, heads, q_len, head_dim).transpose(1, 2).contiguous(), None  # [B, q, H, D]
 
-    AttentionInterface.register(PACKED_GQA, packed_gqa_sdpa)
-    AttentionMaskInterface.register(PACKED_GQA, sdpa_mask)
-    return PACKED_GQA
+    return packed_gqa_sdpa
 
 
 @contextmanager

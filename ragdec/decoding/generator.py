@@ -160,12 +160,19 @@ class Generator(ChatTokenizer):
             dtype: "float32" (the default) or "bfloat16". On CPUs with AMX (``lscpu``
                 flag amx_bf16) bfloat16 reads prompts 10-18x faster and verifies a draft
                 of six tokens in about the time of one; greedy output may differ from
-                float32's, so compare methods at one dtype.
+                float32's, so compare methods at one dtype. A 16-bit model attends with
+                ``attention.INVARIANT``, so that lossless methods stay identical to greedy.
         """
+        import torch
+
         from ragdec.models.zoo import load_causal_lm
+
+        from .attention import use_invariant_attention
 
         configure_threads()
         model, tokenizer = load_causal_lm(name_or_path, dtype=torch_dtype(dtype))
+        if model.dtype in (torch.bfloat16, torch.float16):
+            use_invariant_attention(model)
         return cls(model, tokenizer, name=name_or_path)
 
     def start_batching(self, max_batch: int = 8, prefill_chunk: int | None = None):
