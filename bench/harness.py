@@ -130,6 +130,7 @@ def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = N
             "mean_new_tokens": _round(statistics.mean(len(r.token_ids) for r in method_runs), 2),
             "ttft_s": _round(_median(r.ttft_s for r in method_runs)),
             "e2e_s": _round(_median(r.e2e_s for r in method_runs)),
+            "decode_s": _round(_median(r.decode_s for r in method_runs)),
             "prompts": len(method_runs),
         }
         if reference is not None:
@@ -139,6 +140,8 @@ def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = N
                 if r.decode_tokens_per_s and ref.decode_tokens_per_s
             ]
             entry[f"speedup_vs_{suffix}"] = _round(_median(ratios), 3)
+            # what a user waits for: prefill and decode together, per prompt
+            entry[f"e2e_speedup_vs_{suffix}"] = _round(_median(ref.e2e_s / r.e2e_s for r, ref in zip(method_runs, reference)), 3)
             entry[f"aggregate_speedup_vs_{suffix}"] = _round(
                 sum(ref.decode_s for ref in reference) / max(1e-9, sum(r.decode_s for r in method_runs)), 3
             )
