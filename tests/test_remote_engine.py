@@ -330,7 +330,7 @@ def test_ask_command_over_a_remote_engine_and_its_errors(capsys):
     (["--base-url", "http://127.0.0.1:1/v1"], "add --engine openai"),
     (["--engine", "openai", "--base-url", "http://127.0.0.1:1/v1", "--remote-model", "m", "--method", "llma", "--copy-k", "4"],
      "--method, --copy-k: ragdec's in-process decoding"),
-    (["--engine", "openai", "--base-url", "127.0.0.1:8000/v1", "--remote-model", "m"], "needs http:// or https://"),
+    (["--engine", "openai", "--base-url", "127.0.0.1:8000/v1", "--remote-model", "m"], "is not an http:// or https:// URL with a host"),
 ])
 def test_engine_flags_that_do_not_fit_say_what_to_do(argv, says, capsys):
     from ragdec.app.cli import main

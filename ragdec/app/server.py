@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from importlib import resources
 from typing import Any, Sequence
@@ -66,6 +67,8 @@ from .transport import CLOSE, BackgroundServer, Gate, host_allowed, server_confi
 from .worker import DEFAULT_MAX_QUEUE, JobExpired, JobFailed, ModelWorker, QueueFull
 
 SEARCH_MODES = ("dense", "bm25", "hybrid")
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -201,7 +204,7 @@ def create_app(
         finally:
             watch.cancel()
         if last is None or last.finish_reason == "error":
-            raise error_from_chunk(last) if last else ApiError(500, "the pipeline ended without an answer", type="server_error")
+            raise _refusal(last) if last else ApiError(500, "the pipeline ended without an answer", type="server_error")
         return completion_body(call, "".join(texts), last, job.queue_seconds)
 
     @app.post("/v1/retrieve")
@@ -242,6 +245,15 @@ def _submit(worker: ModelWorker, work):
             429, f"the server is busy ({full}): retry after {full.retry_after} s", None, "rate_limit_exceeded",
             "rate_limit_error", headers={"Retry-After": str(full.retry_after)},
         ) from None
+
+
+def _refusal(chunk) -> ApiError:
+    """``error_from_chunk``, logged when the engine failed (a remote server unreachable or cut
+    off): the operator sees it even where the client's status cannot tell (a stream already
+    begun is a 200)."""
+    if chunk.info is not None and chunk.info.engine_failed:
+        log.warning("the engine failed on a request: %s", chunk.info.error)
+    return error_from_chunk(chunk)
 
 
 def _expired(error: JobExpired) -> ApiError:
@@ -310,14 +322,14 @@ async def _stream(call: ChatCall, job) -> StreamingResponse | JSONResponse:
     except JobExpired as error:
         raise _expired(error) from None
     if first.finish_reason == "error":
-        raise error_from_chunk(first)
+        raise _refusal(first)
 
     async def events():
         try:
             chunk, is_first = first, True
             while True:
                 if chunk.finish_reason == "error":
-                    yield error_event(error_from_chunk(chunk))
+                    yield error_event(_refusal(chunk))
                     yield "data: [DONE]\n\n"
                     return
                 for event in delta_events(call, chunk, is_first):

@@ -197,7 +197,7 @@ class RagPipeline:
                 )
                 yield Chunk(index, chunk.text, chunk.finish_reason, stats, info)
         except EngineError as error:  # a remote server unreachable, erring, or cut off mid-answer
-            log.warning("the engine failed on a request: %s", error)
+            log.info("the engine failed on a request: %s", error)  # the chunk tells it; the server logs it as a warning
             seconds = time.perf_counter() - started
             info = AnswerInfo(method, outcome, tuple(sources), seconds, ttft_s=(first_text_at or time.perf_counter()) - started,
                               retrieval_s=retrieval_s, dropped_turns=prompt.dropped_turns, error=str(error), engine_failed=True)

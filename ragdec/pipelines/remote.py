@@ -114,8 +114,16 @@ class RemoteEngine:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  tokenizer: str | ChatTokenizer | None = None, settings: RemoteSettings | None = None):
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"the remote engine's URL {base_url!r} needs http:// or https://, e.g. http://127.0.0.1:8000/v1")
+        import httpx
+
+        try:
+            parsed = httpx.URL(base_url)
+            problem = "" if parsed.scheme in ("http", "https") and parsed.host and " " not in base_url else "no host or scheme"
+        except httpx.InvalidURL as error:
+            problem = str(error)
+        if problem:
+            raise ValueError(f"the remote engine's URL {base_url!r} is not an http:// or https:// URL with a host "
+                             f"({problem}): give the API root, e.g. http://127.0.0.1:8000/v1")
         if not model:
             raise ValueError("the remote engine needs the name of the model its server answers with (GET /v1/models lists them)")
         self.base_url = base_url.rstrip("/")
@@ -124,8 +132,6 @@ class RemoteEngine:
         self.settings = settings or RemoteSettings()
         self.context_length = self.settings.context_length
         self.tokens = ChatTokenizer.load(tokenizer) if isinstance(tokenizer, str) else tokenizer or TokenEstimate()
-        import httpx
-
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # one pool of connections, shared by every thread that asks (httpx's Client is thread-safe)
         self.client = httpx.Client(headers=headers, limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
