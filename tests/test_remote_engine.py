@@ -155,6 +155,19 @@ def test_the_server_gets_the_pipelines_messages_and_the_answer_streams_back_with
     assert 0 < last.stats.prefill_seconds <= last.stats.seconds and last.info.tokens_per_s > 0
 
 
+def test_references_go_along_only_when_asked():
+    """For a remote `ragdec serve` to copy from (LLMA): what the local engine would copy from."""
+    history = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare."}]
+    request = Request([*history, {"role": "user", "content": "When was he born?"}], ("Born in 1564 in Stratford.",))
+    with FakeServer(sse("1564.")) as server:
+        for send in (False, True):
+            engine = RemoteEngine(server.url, "m", settings=RemoteSettings(send_references=send))
+            collect(RagPipeline(engine), [request])
+    plain, sent = server.bodies
+    assert "ragdec" not in plain
+    assert sent["ragdec"] == {"references": ["Who wrote Hamlet?", "Shakespeare.", "Born in 1564 in Stratford."]}
+
+
 def test_an_answer_asked_whole_instead_of_streamed():
     completion = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Paris."}, "finish_reason": "length"}],
                   "usage": {"prompt_tokens": 20, "completion_tokens": 2}}
@@ -400,7 +413,7 @@ def test_ask_over_a_store_keeps_retrieval_sources_and_the_cache_here(backend, sm
     store = build_store(tmp_path, minilm)
     assert main(["ask", STORE_QUESTION, "--store", str(store), "--engine", "openai", "--base-url", backend, "--remote-model", MODEL,
                  "--model", MODEL, "--db", str(tmp_path / "qa.sqlite"), "--max-new-tokens", "12", "-k", "2",
-                 "--json", str(tmp_path / "answer.json")]) == 0
+                 "--remote-references", "--json", str(tmp_path / "answer.json")]) == 0  # the passages go as ragdec.references
     assert "[remote, cache miss" in capsys.readouterr().err
     answer, = json.loads((tmp_path / "answer.json").read_text())["answers"]
     assert answer["info"]["method"] == "remote" and answer["info"]["sources"]

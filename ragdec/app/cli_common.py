@@ -234,6 +234,9 @@ def add_engine_arguments(parser) -> None:
                         help=f"openai: the longest silence from the server, its prompt reading included (default {defaults.read_timeout_s:g})")
     remote.add_argument("--remote-retries", type=int, metavar="N",
                         help=f"openai: tries again after a refused connection, a 429 or a 503, with backoff (default {defaults.retries})")
+    remote.add_argument("--remote-references", action="store_true", default=None,
+                        help="openai: send the passages and history as ragdec.references, for a remote `ragdec serve` to "
+                        "copy from (llama-server and vLLM ignore the field; OpenAI's API refuses it)")
 
 
 def pipeline_model(args) -> str | None:
@@ -255,7 +258,7 @@ def build_engine(args):
     from ragdec.decoding.generator import Generator
 
     remote_flags = [f"--{name.replace('_', '-')}" for name in ("base_url", "remote_model", "remote_api_key", "remote_context",
-                    "remote_timeout", "remote_read_timeout", "remote_retries") if getattr(args, name) is not None]
+                    "remote_timeout", "remote_read_timeout", "remote_retries", "remote_references") if getattr(args, name) is not None]
     if args.engine == "local":
         if remote_flags:
             raise ValueError(f"{', '.join(remote_flags)}: for a remote engine; add --engine openai (or drop them)")
@@ -271,7 +274,8 @@ def build_engine(args):
         raise ValueError(f"{', '.join(local_only)}: ragdec's in-process decoding; with --engine openai the server decodes its "
                          "own way (turn on its copy decoding there: vLLM's ngram speculation, llama-server's --spec-type)")
     settings = RemoteSettings(**given(context_length=args.remote_context, timeout_s=args.remote_timeout,
-                                      read_timeout_s=args.remote_read_timeout, retries=args.remote_retries))
+                                      read_timeout_s=args.remote_read_timeout, retries=args.remote_retries,
+                                      send_references=args.remote_references))
     api_key = args.remote_api_key or os.environ.get(REMOTE_API_KEY_ENV) or None
     return RemoteEngine(args.base_url, args.remote_model, api_key, tokenizer=args.model, settings=settings)
 

@@ -59,6 +59,9 @@ class RemoteSettings:
     backoff_s: float = 0.5  # the first wait between tries; doubled each time
     max_wait_s: float = 30.0  # the longest wait between tries, a Retry-After included
     stream: bool = True  # server-sent events; False: the whole answer at once (a proxy that buffers streams)
+    # send the copyable texts (passages, history, near-hit answers) as "ragdec": {"references": [...]}, which a
+    # remote `ragdec serve` copies from (LLMA); llama-server and vLLM ignore the field, OpenAI's API refuses it
+    send_references: bool = False
 
 
 class TokenEstimate:
@@ -155,7 +158,8 @@ class RemoteEngine:
     def stream(self, prompt: Prompt, params: GenerationParams, references: Sequence[str] = ()) -> Iterator[TextChunk]:
         """Post ``prompt.messages``; yield the answer's text as it arrives, then a last chunk
         with the finish reason and the stats. ``references`` stay here: the server copies
-        from the prompt itself if it speculates (see the README).
+        from the prompt itself if it speculates (see the README), unless
+        ``settings.send_references`` sends them for a remote `ragdec serve` to copy from.
 
         Raises:
             EngineError: unreachable, an error status, silent past the read timeout, over
@@ -170,6 +174,8 @@ class RemoteEngine:
             body["stream_options"] = {"include_usage": True}
         if params.stop:
             body["stop"] = list(params.stop)
+        if settings.send_references and references:
+            body["ragdec"] = {"references": list(references)}
         deadline = time.monotonic() + settings.timeout_s
         response, sent_at = self._send(body, deadline)
         answer = _Answer(sent_at)
