@@ -199,6 +199,9 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
         stack.callback(retriever.close)
         runs = _qa_runs(engine, specs if methods or engine != "loopback" else specs[:1], model, retriever,
                         RagSettings(k=k), base_url, remote_model, stack)
+        if retriever.documents is None:  # a Qdrant store opened from its manifest alone
+            raise ValueError(f"bench qa reads which passage is whose from the store's documents file, which {store} lacks: "
+                             "pass the folder the store was built in, or leave --store out")
         records = {pid: p.record for pid, p in retriever.documents.get(retriever.documents.all_ids()).items()}
 
         def ask(question: str, pipeline, name: str, options: dict):

@@ -206,6 +206,33 @@ def test_a_failed_cache_write_is_reported_and_the_answer_goes_out(postgres, post
     cache.close()
 
 
+def test_a_cache_that_cannot_be_reached_makes_a_miss_and_the_answer_goes_out(postgres, postgres_url, smollm2, minilm):
+    """The shared cache's server gone mid-life (here: it takes no connections, and the
+    cache's own was cut): the lookup fails, the request is answered as with no cache, and
+    the answer says what happened, for the lookup and for the write-back."""
+    from ragdec.cache.lookup import QACache
+    from ragdec.decoding.methods import GenerationParams
+    from ragdec.pipelines.rag import RagPipeline
+    from ragdec.pipelines.types import Request
+
+    cache = QACache.open(postgres_url, minilm)
+    pipeline = RagPipeline(smollm2, None, cache)
+    name = database_name(postgres_url)
+    postgres.sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    postgres.sql(f"SELECT pg_terminate_backend({cache.store.conn.raw.info.backend_pid})")
+    try:
+        request = Request([{"role": "user", "content": "What is the capital of France?"}], params=GenerationParams(max_new_tokens=48))
+        chunks = list(pipeline.stream([request]))
+    finally:
+        postgres.sql(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    last = chunks[-1]
+    assert "Paris" in "".join(chunk.text for chunk in chunks) and last.finish_reason == "stop"
+    assert last.info.cache == "off" and len(last.info.warnings) == 2
+    assert last.info.warnings[0].startswith("the QA cache could not be read, answered without it")
+    assert last.info.warnings[1].startswith("the answer was not written to the QA cache")
+    cache.close()
+
+
 def ask(port: int, question: str) -> dict:
     """One chat completion (not streamed): the answer's text and the ragdec extras."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)

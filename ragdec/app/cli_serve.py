@@ -31,6 +31,7 @@ def build_app(args):
     if args.faq_db:
         from pathlib import Path
 
+        from ragdec.cache.backends import cache_location
         from ragdec.cache.faq import FaqService
         from ragdec.cache.lookup import QACache
 
@@ -40,11 +41,11 @@ def build_app(args):
             raise ValueError("--faq-db answers from the FAQ alone: drop --store (or serve the store without --faq-db)")
         if args.engine != "local":
             raise ValueError("--faq-db decodes in this process: drop --engine openai (or serve a store with it)")
-        path = Path(args.faq_db).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"no FAQ cache at {path}: import one with `ragdec faq import FILE --db {path}`")
+        location = cache_location(args.faq_db)  # a file, or a postgresql:// URL that replicas share
+        if isinstance(location, Path) and not location.is_file():
+            raise FileNotFoundError(f"no FAQ cache at {location}: import one with `ragdec faq import FILE --db {location}`")
         model = pipeline_model(args)
-        service = FaqService(QACache.open(path), model=model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
+        service = FaqService(QACache.open(location, create=False), model=model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
         service.generator  # load the model now, not on the first question
         return create_app(FaqPipeline(service), model, defaults=defaults, mode="faq", **_scheduling(args), **access_settings(args))
 
@@ -121,7 +122,8 @@ def register(subparsers) -> None:
     add_pipeline_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--faq-db", metavar="PATH", help="answer from this FAQ cache (`ragdec faq import`) instead of a store")
+    serve.add_argument("--faq-db", metavar="PATH|URL", help="answer from this FAQ cache (`ragdec faq import`; a file or a "
+                       "postgresql:// URL) instead of a store")
     serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
                        help=f"requests decoding together in one batch (default {DEFAULT_MAX_BATCH}; 1: one at a time); "
                        "with --engine openai, requests in flight to the server at once")

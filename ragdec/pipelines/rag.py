@@ -128,8 +128,11 @@ class RagPipeline:
 
         # 1. the QA cache, keyed on the user's question (never on the assembled prompt)
         outcome = "off"
+        cache_warnings: tuple[str, ...] = ()
+        lookup = None
         if self.cache is not None and standalone:
-            lookup = self.cache.lookup(question, model=self.engine.name, store_version=self.store_version)
+            lookup, cache_warnings = self._look_up(question)
+        if lookup is not None:
             outcome = lookup.outcome
             if lookup.served:
                 seconds = time.perf_counter() - started
@@ -181,10 +184,10 @@ class RagPipeline:
                     continue
                 # 5. write back, for the next asker: before the last chunk, so that a failed
                 # write is told with the answer instead of failing it after it was sent
-                warnings = ()
+                warnings = cache_warnings
                 answer = "".join(texts).strip()
                 if self.cache is not None and standalone and settings.cache_answers and answer and chunk.finish_reason == "stop":
-                    warnings = self._write_back(question, answer)
+                    warnings += self._write_back(question, answer)
                 seconds = time.perf_counter() - started
                 stats = chunk.stats
                 info = AnswerInfo(
@@ -204,6 +207,15 @@ class RagPipeline:
             yield Chunk(index, "", "error", None, info)
         except ValueError as error:  # an unknown method, a prompt over the model's context
             yield _error(index, str(error), outcome)
+
+    def _look_up(self, question: str):
+        """The cache's lookup, or None with what went wrong: a shared cache that is down
+        (PostgreSQL unreachable) makes the request a miss, answered all the same."""
+        try:
+            return self.cache.lookup(question, model=self.engine.name, store_version=self.store_version), ()
+        except Exception as error:  # noqa: BLE001 - a cache that cannot be read must not fail the answer
+            log.warning("the QA cache could not be read for %r: %s: %s", question[:80], type(error).__name__, error)
+            return None, (f"the QA cache could not be read, answered without it ({type(error).__name__}: {error})",)
 
     def _write_back(self, question: str, answer: str) -> tuple[str, ...]:
         """Cache ``answer``; what went wrong, if it failed (the answer is good all the same)."""
