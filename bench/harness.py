@@ -16,7 +16,7 @@ from ragdec import files
 
 from . import forced  # noqa: F401  (registers the forced-decoding methods)
 from .llamacpp import LLAMACPP_METHODS, LlamaCppEngines
-from .machine import machine_info, memory_mb
+from .machine import machine_info
 from .quality import quality
 from .runners import HF_METHODS, ForwardCounter, Run, run_hf, run_ragdec
 from .workloads import load_workload
@@ -187,7 +187,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     if any(parse_method(m)[0] == "hf-assisted" for m in config.methods):
         assistant = Generator.load(config.assistant or default_assistant(config.model), config.dtype)
     counter = ForwardCounter(generator.model)
-    memory = {"ragdec": {"weights_mb": _weights_mb(generator.model), "rss_mb": memory_mb()}}
+    # ragdec's weights are all read at every step, so they are what it holds resident (the
+    # process's RSS right after loading says less: safetensors maps them lazily)
+    memory = {"ragdec": {"weights_mb": _weights_mb(generator.model)}}
     methods = with_greedy(config.methods)
     llamacpp = None
     if any(parse_method(m)[0] in LLAMACPP_METHODS for m in methods):
@@ -248,8 +250,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             "max_matching_ngram_size": config.max_matching_ngram_size,
             "options": config.options,
         },
-        # resident memory each engine added: ragdec's weights (and the process with them),
-        # each llama.cpp instance by the end of its first run (its GGUF is mapped)
+        # what each engine holds: ragdec's weights; what each llama.cpp instance added to the
+        # process's resident memory by the end of its first run (its GGUF is mapped, and
+        # prompt lookup's logits_all array holds n_ctx x vocab floats)
         "engine_memory_mb": {**memory, **({"llamacpp": llamacpp.rss_mb} if llamacpp else {})},
         "methods": summarize(
             runs, {m: [generator.decode_text(r.token_ids) for r in rs] for m, rs in runs.items()}, [p.targets for p in prompts]

@@ -17,6 +17,13 @@ computed in float32 by the same matmuls whatever the number of rows:
 
 Long queries (a prefill) go to sdpa: prefill is not compared position by position, and
 its speed is sdpa's. Used for models loaded in a 16-bit dtype (``Generator.load``).
+
+This is the attention's share only. oneDNN's bfloat16 matmul gives the rows after the
+first of a many-row product last-bit differences from the one-row product now and then
+(seen first in the MLP's down projection, 4864 -> 896, on a real 1,000-token prompt),
+which bfloat16's rounding can carry into another greedy choice: float32 stays the
+configuration in which lossless methods are identical to greedy (bench/results/
+llamacpp_rag_bfloat16.json records how often bfloat16 llma still matched).
 """
 
 from __future__ import annotations

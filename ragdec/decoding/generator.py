@@ -161,7 +161,9 @@ class Generator(ChatTokenizer):
                 flag amx_bf16) bfloat16 reads prompts 10-18x faster and verifies a draft
                 of six tokens in about the time of one; greedy output may differ from
                 float32's, so compare methods at one dtype. A 16-bit model attends with
-                ``attention.INVARIANT``, so that lossless methods stay identical to greedy.
+                ``attention.INVARIANT``; its linear layers can still make a verified
+                draft differ from greedy in the last bits (see attention.py): lossless
+                methods are identical to greedy in float32.
         """
         import torch
 
