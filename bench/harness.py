@@ -193,9 +193,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     methods = with_greedy(config.methods)
     llamacpp = None
     if any(parse_method(m)[0] in LLAMACPP_METHODS for m in methods):
-        from ragdec.decoding.generator import configure_threads as threads
-
-        llamacpp = LlamaCppEngines(config.model, threads())
+        llamacpp = LlamaCppEngines(config.model, configure_threads())
 
     states: dict[str, dict] = {}
     assistants: dict[str, object] = {}
