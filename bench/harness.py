@@ -63,17 +63,29 @@ def _int8_copy(assistant):
 
 def with_greedy(methods: Sequence[str]) -> list[str]:
     """``methods`` with ragdec's greedy added when a lossless method runs without it, so that
-    every result can say whether it is identical to greedy of the same engine configuration.
+    every result can say whether it is identical to greedy of the same engine configuration
+    (per model: a method spec's ``model=`` knob runs it on another model, whose own greedy
+    is added then).
 
-    Example: ["hf-greedy", "llma"] -> ["hf-greedy", "llma", "greedy"]; ["hf-greedy"] stays.
+    Example: ["hf-greedy", "llma"] -> ["hf-greedy", "llma", "greedy"]; ["hf-greedy"] stays;
+    ["free-lossless:model=m2"] -> [..., "greedy:model=m2"].
     """
     from ragdec.decoding.methods import LOSSLESS_METHODS, registered_methods
 
     registered_methods()
-    names = [parse_method(m)[0] for m in methods]
-    if "greedy" in names or not any(n in LOSSLESS_METHODS for n in names):
-        return list(methods)
-    return [*methods, "greedy"]
+    out = list(methods)
+    for spec in methods:
+        name, options = parse_method(spec)
+        if name in LOSSLESS_METHODS:
+            greedy = greedy_spec(options.get("model"))
+            if greedy not in out:
+                out.append(greedy)
+    return out
+
+
+def greedy_spec(model: str | None) -> str:
+    """The spec of ragdec's greedy on ``model`` (None: the bench's own model)."""
+    return "greedy" if model is None else f"greedy:model={model}"
 
 
 def _weights_mb(model) -> float:
@@ -120,7 +132,6 @@ def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = N
     reference_name = "hf-greedy" if "hf-greedy" in runs else next(iter(runs))
     reference = runs[reference_name]
     suffix = reference_name.replace("-", "_")
-    greedy = runs.get("greedy")
     summary = {}
     for method, method_runs in runs.items():
         rates = [r.decode_tokens_per_s for r in method_runs]
@@ -148,9 +159,15 @@ def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = N
             entry[f"identical_to_{suffix}"] = _round(
                 sum(r.token_ids == ref.token_ids for r, ref in zip(method_runs, reference)) / len(method_runs), 4
             )
-        if greedy is not None and method != "greedy":
-            # ragdec's own greedy in the same engine configuration: what "lossless" promises
+        greedy = runs.get(greedy_spec(parse_method(method)[1].get("model")))
+        if greedy is not None and parse_method(method)[0] != "greedy":
+            # ragdec's own greedy in the same engine configuration (the same model): what
+            # "lossless" promises
             entry["identical_to_greedy"] = _round(sum(r.token_ids == g.token_ids for r, g in zip(method_runs, greedy)) / len(method_runs), 4)
+            entry["speedup_vs_greedy"] = _round(_median(
+                r.decode_tokens_per_s / g.decode_tokens_per_s
+                for r, g in zip(method_runs, greedy) if r.decode_tokens_per_s and g.decode_tokens_per_s
+            ), 3)
         if method_runs and method_runs[0].drafted_tokens is not None:
             # of all new tokens: the share drafted (FREE: the exit rate, tokens that left at
             # the exit layer) and the share that stood (BiLD: the little model's tokens kept)
@@ -197,13 +214,28 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
 
     states: dict[str, dict] = {}
     assistants: dict[str, object] = {}
+    # a spec's model= knob: the method runs on that model (a model trained for FREE beside
+    # the original), on the same prompt ids (the models must share the tokenizer)
+    others: dict[str, tuple] = {}
+
+    def model_for(name: str | None):
+        if name is None:
+            return generator, counter
+        if name not in others:
+            other = Generator.load(name, config.dtype)
+            if other.tokenizer.get_vocab() != generator.tokenizer.get_vocab():
+                raise ValueError(f"model={name} has another vocabulary than {config.model}: compare models that share a tokenizer")
+            others[name] = (other, ForwardCounter(other.model))
+            memory[name] = {"weights_mb": _weights_mb(other.model)}
+        return others[name]
 
     def run_one(spec: str, i: int, max_new_tokens: int) -> Run:
         method, options = parse_method(spec)
+        runner, runner_counter = model_for(options.pop("model", None))
         # each method spec learns only from its own earlier runs, as if it served alone
-        generator.method_state = states.setdefault(spec, {})
+        runner.method_state = states.setdefault(spec, {})
         if method in LLAMACPP_METHODS:
-            return llamacpp.run(method, options, prompt_ids[i], max_new_tokens, generator.eos_token_ids)
+            return llamacpp.run(method, options, prompt_ids[i], max_new_tokens, runner.eos_token_ids)
         if method in HF_METHODS:
             lookup = dict(
                 prompt_lookup_num_tokens=config.prompt_lookup_num_tokens,
@@ -215,11 +247,11 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
             drafter = assistant
             if lookup.pop("int8", False):  # hf-assisted:int8=1 drafts with BiLD's int8 little model
                 drafter = assistants.setdefault("int8", _int8_copy(assistant))
-            return run_hf(method, generator, prompt_ids[i], max_new_tokens, counter, drafter, **lookup)
+            return run_hf(method, runner, prompt_ids[i], max_new_tokens, runner_counter, drafter, **lookup)
         options = {**config.options, **options}
         if config.workload in FORCED_WORKLOADS:
             options["forced_answer"] = prompts[i].forced_answer
-        return run_ragdec(method, generator, prompt_ids[i], prompts[i].references, max_new_tokens, options)
+        return run_ragdec(method, runner, prompt_ids[i], prompts[i].references, max_new_tokens, options)
 
     for i in range(min(config.warmup, len(prompts))):
         for method in methods:

@@ -33,6 +33,11 @@ def cmd_bench(args) -> int:
 
         run_cag_near_bench(args.data, args.json, **given(model=args.model, pairs=args.limit, max_new_tokens=args.max_new_tokens))
         return 0
+    if args.workload == "llamacpp-verify":
+        from ragdec.bench.llamacpp_verify import run_llamacpp_verify_bench
+
+        run_llamacpp_verify_bench(args.json, args.model, args.data, **given(prompts=args.limit))
+        return 0
     if args.workload == "pid":
         from ragdec.bench.pid import run_pid_bench
 
@@ -105,7 +110,8 @@ def register(subparsers) -> None:
         "workload", help="decoding workload (rag, rag-forced, cag, summarize, specbench, chat); pipeline workload "
         "(qa, chat-pipeline: methods greedy,llma by default); pid (many questions per document); or retrieval, or cache; "
         "or server-load (ragdec serve under concurrent loopback clients; --load rag|chat: once per --max-batch); "
-        "or prefill-chunk (what a chunked prefill costs against a decode step); or cag-near (duplicate "
+        "or prefill-chunk (what a chunked prefill costs against a decode step); or llamacpp-verify (what a verify "
+        "forward of k tokens costs on llama.cpp and whether its rows equal one-at-a-time decoding); or cag-near (duplicate "
         "questions: the QA cache's near hits as llma's references, greedy vs llma; --limit: pairs, default 40)"
     )
     bench.add_argument("--model", help=f"the answer model (default {DEFAULT_MODEL}; server-load without --load: smollm2-135m-instruct)")

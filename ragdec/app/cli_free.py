@@ -1,7 +1,12 @@
-"""`ragdec free calibrate`: train FREE's exit adapter for a model at an exit layer.
+"""`ragdec free calibrate` and `ragdec free train`: FREE's exit head, or a model trained for it.
 
     ragdec free calibrate --model qwen2.5-coder-0.5b-instruct --exit-layer 17
     ragdec free calibrate --model qwen2.5-coder-1.5b-instruct --exit-layer 19,20,21,22
+    ragdec free train --model smollm2-135m-instruct --exit-layer 10 --steps 400 --out models/smollm2-free10
+
+``calibrate`` trains an adapter on the frozen model; ``train`` fine-tunes the model itself
+with FREE's shallow-deep objective (``ragdec.decoding.free_train``) and writes a model
+folder that every command loads by path (FREE takes its exit layer from it).
 
 By default the adapter learns from the model's own greedy answers to benchmark-style
 prompts (XSum, SQuAD, Spec-Bench qa/translation, CNN/DailyMail) past the first
@@ -107,6 +112,33 @@ def cmd_free_calibrate(args) -> int:
     return 0
 
 
+def cmd_free_train(args) -> int:
+    from ragdec.decoding.free_train import TrainConfig, train
+    from ragdec.decoding.generator import Generator
+
+    config = TrainConfig(
+        exit_layer=args.exit_layer, steps=args.steps, lora_rank=args.lora_rank, lr=args.lr,
+        shallow_weight=args.shallow_weight, sequences_per_step=args.sequences_per_step,
+        answer_tokens=args.answer_tokens, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+    )
+    if args.lora_rank is not None and args.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be at least 1, got {args.lora_rank}")
+    generator = Generator.load(args.model)
+    prompts = calibration_prompts(generator, args.prompts, args.max_prompt_tokens, args.data, args.workloads)
+    report = train(generator, prompts, config, Path(args.out), progress=not args.quiet)
+    before = report.agreement_by_layer_before[str(report.exit_layer)]
+    after = report.agreement_by_layer_after[str(report.exit_layer)]
+    print(
+        f"{report.model} trained for FREE at exit layer {report.exit_layer}: {report.steps} steps on "
+        f"{report.train_answers} answers ({report.train_positions} positions) in {report.seconds / 60:.1f} min; "
+        f"held-out exit agreement {before:.1%} before, {after:.1%} after"
+    )
+    print(f"  model folder: {report.out} (load it by path: --model {report.out})")
+    if args.json:
+        write_json(report.as_dict(), args.json)
+    return 0
+
+
 def _layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(","))
@@ -128,7 +160,7 @@ def register(subparsers) -> None:
     """Add ``free`` (``calibrate``) to an argparse subparsers object."""
     from ragdec.decoding.free_calibrate import CalibrationConfig
 
-    free = subparsers.add_parser("free", help="FREE early exit: calibrate the exit head")
+    free = subparsers.add_parser("free", help="FREE early exit: calibrate the exit head, or train a model for it")
     actions = free.add_subparsers(dest="action", required=True)
     calibrate = actions.add_parser(
         "calibrate", help="train the exit adapter by distillation from the deep model; save it under $RAGDEC_HOME/free",
@@ -162,3 +194,31 @@ def register(subparsers) -> None:
     calibrate.add_argument("--quiet", action="store_true", help="no progress bars")
     calibrate.add_argument("--json", metavar="PATH", help="write the agreement report as JSON")
     calibrate.set_defaults(func=cmd_free_calibrate)
+
+    from ragdec.decoding.free_train import TrainConfig
+
+    train = actions.add_parser(
+        "train", help="fine-tune a model with FREE's shallow-deep objective on its own answers; write a model folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    train.add_argument("--model", default=DEFAULT_MODEL, help="zoo name, local folder or hub id")
+    train.add_argument("--exit-layer", type=int, required=True, help="layers in the shallow model")
+    train.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps (a resumed run goes on to this)")
+    train.add_argument("--lora-rank", type=int, help="train a LoRA of this rank on the first exit-layer layers (default: every layer)")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-4, with --lora-rank 1e-3)")
+    train.add_argument("--shallow-weight", type=float, default=TrainConfig.shallow_weight, help="the exit head's share of the loss")
+    train.add_argument("--sequences-per-step", type=int, default=TrainConfig.sequences_per_step, help="answers per optimizer step")
+    train.add_argument("--prompts", type=int, default=100, help="prompts answered per workload")
+    train.add_argument("--answer-tokens", type=int, default=TrainConfig.answer_tokens, help="greedy tokens per answer")
+    train.add_argument("--max-prompt-tokens", type=int, default=400, help="skip longer prompts")
+    train.add_argument("--data", help="the benchmark data folder (default: $RAGDEC_DATA or ../shared/data)")
+    train.add_argument(
+        "--workloads", type=_workloads, default=",".join(CALIBRATION_WORKLOADS), metavar="NAME,...",
+        help="the benchmark workloads whose prompts (past the benchmarks' own) are answered",
+    )
+    train.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between held-out evaluations")
+    train.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, help="steps between checkpoints")
+    train.add_argument("--out", required=True, help="the model folder to write (its train/ keeps the checkpoint to resume from)")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--json", metavar="PATH", help="write the training report as JSON")
+    train.set_defaults(func=cmd_free_train)

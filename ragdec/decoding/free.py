@@ -74,7 +74,7 @@ LOSSLESS_DEFAULTS = {"agree_posterior": 0.8}
 @dataclass(frozen=True)
 class FreeConfig:
     # None: default_exit_layer
-    exit_layer: int | None = knob(None, "layers in the shallow model (default auto: 0.7 of the depth, 17 of 24)")
+    exit_layer: int | None = knob(None, "layers in the shallow model (default auto: a trained model's own, else 0.7 of the depth, 17 of 24)")
     exit_threshold: float = knob(0.9, "shallow confidence needed to exit; the adaptive threshold's start")
     adaptive: bool = knob(True, "move the exit threshold with a Beta mixture fitted to the deep passes' agreement")
     # 0.9 for free, where an exited token stands unchecked, so it must be right;
@@ -369,7 +369,11 @@ def exit_vocabulary(prompt_ids: Sequence[int], size: int, model):
 def build_free(generator, prompt_ids: Sequence[int], config: FreeConfig, lossless: bool) -> tuple[ShallowExitDrafter, FreeAcceptance]:
     model = generator.model
     depth = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else 0
-    exit_layer = config.exit_layer if config.exit_layer is not None else default_exit_layer(depth)
+    exit_layer = config.exit_layer
+    if exit_layer is None:  # a model trained for FREE exits where it was trained to
+        from .free_train import trained_exit_layer
+
+        exit_layer = trained_exit_layer(generator.name) or default_exit_layer(depth)
     state = generator.method_state.setdefault("free", FreeState())
     key = (exit_layer, config.adapter)
     if key not in state.adapters:

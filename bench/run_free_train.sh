@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# FREE on a model trained for it (bench/results/free_trained_<model>_<workload>.json):
+# `ragdec free train` fine-tunes the model with the shallow-deep objective at EXIT_LAYER on
+# its own answers to calibration prompts (past the benchmarks' own), the exit adapter of
+# `ragdec free calibrate` is trained on the original at the same layer, then each workload
+# runs in one process: the original's hf-greedy (the reference), free and free-lossless
+# on the original with its adapter, and greedy, free and free-lossless on the trained
+# model (model=DIR), float32. Training takes about 45 minutes on 2 cores for smollm2
+# (a resumed run goes on from its checkpoint), the benchmarks about 20; run it alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAGDEC=${RAGDEC:-.venv/bin/ragdec}
+MODEL=${MODEL:-smollm2-135m-instruct}
+EXIT_LAYER=${EXIT_LAYER:-10}
+STEPS=${STEPS:-400}
+LR=${LR:-2e-4}
+TOKENS=${TOKENS:-64}
+LIMIT=${LIMIT:-8}
+OUT=${OUT:-${RAGDEC_HOME:-$HOME/.cache/ragdec}/trained/$MODEL-free$EXIT_LAYER}
+home=${RAGDEC_HOME:-$HOME/.cache/ragdec}
+if [ ! -f "$OUT/ragdec_free.json" ]; then
+  "$RAGDEC" free train --model "$MODEL" --exit-layer "$EXIT_LAYER" --steps "$STEPS" --lr "$LR" \
+    --prompts 60 --max-prompt-tokens 320 --out "$OUT" --json "bench/results/free_train_$MODEL.json"
+fi
+if [ ! -f "$home/free/$MODEL/layer$EXIT_LAYER.safetensors" ]; then
+  "$RAGDEC" free calibrate --model "$MODEL" --exit-layer "$EXIT_LAYER" --json "bench/results/free_calibration_$MODEL.json"
+fi
+for workload in xsum squad specbench-qa-translation; do
+  "$RAGDEC" bench "$workload" --model "$MODEL" --exit-layer "$EXIT_LAYER" --limit "$LIMIT" --max-new-tokens "$TOKENS" \
+    --methods "hf-greedy,free,free-lossless,greedy:model=$OUT,free:model=$OUT,free-lossless:model=$OUT" \
+    --json "bench/results/free_trained_${MODEL}_$workload.json"
+done
