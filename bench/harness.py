@@ -89,7 +89,9 @@ def greedy_spec(model: str | None) -> str:
 
 
 def _weights_mb(model) -> float:
-    return round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1)
+    """Parameters and buffers (int4's packed weights are buffers)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)
 
 
 def _median(values) -> float | None:

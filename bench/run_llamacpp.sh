@@ -13,8 +13,8 @@ LIMIT=${LIMIT:-20}
 "$RAGDEC" bench rag --model "$MODEL" --limit "${SWEEP_LIMIT:-5}" --max-new-tokens 128 \
   --methods llamacpp-greedy,llamacpp-prompt-lookup:num_pred_tokens=2:max_ngram_size=3,llamacpp-prompt-lookup:num_pred_tokens=4:max_ngram_size=3,llamacpp-prompt-lookup:num_pred_tokens=10:max_ngram_size=2 \
   --json bench/results/llamacpp_lookup_sweep.json
-# 2. rag and chat, llama.cpp first (the reference of every ratio), in both of ragdec's dtypes
-for dtype in ${DTYPES:-float32 bfloat16}; do
+# 2. rag and chat, llama.cpp first (the reference of every ratio), in each of ragdec's weight configurations
+for dtype in ${DTYPES:-float32 bfloat16 int4}; do
   for workload in ${WORKLOADS:-rag chat}; do
     "$RAGDEC" bench "$workload" --model "$MODEL" --dtype "$dtype" --limit "$LIMIT" --max-new-tokens 128 \
       --methods llamacpp-greedy,llamacpp-prompt-lookup,greedy,llma \

@@ -102,7 +102,12 @@ def forward_cost(model, model_name: str) -> ForwardCost:
 
     from ragdec.models.home import ragdec_home
 
-    key = f"{Path(model_name).name or 'model'}-{_cpu_id()}-t{torch.get_num_threads()}"
+    from .int4 import weights_name
+
+    # float32 keeps the key it always had; other weights cost otherwise and get their own
+    weights = weights_name(model)
+    suffix = "" if weights == "float32" else f"-{weights}"
+    key = f"{Path(model_name).name or 'model'}{suffix}-{_cpu_id()}-t{torch.get_num_threads()}"
     if key in _MEMO:
         return _MEMO[key]
     path = ragdec_home() / "costs" / f"{key}.json"

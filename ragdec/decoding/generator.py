@@ -79,18 +79,19 @@ class Generation:
         }
 
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "int4")  # int4: 4-bit weights for decoding (int4.py), bfloat16 otherwise
 
 
 def torch_dtype(name: str | None):
-    """torch's dtype for a name in DTYPES; None stays None (the loader's float32)."""
+    """torch's dtype for a name in DTYPES (int4 loads in bfloat16 first); None stays None
+    (the loader's float32)."""
     if name is None:
         return None
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     import torch
 
-    return getattr(torch, name)
+    return torch.bfloat16 if name == "int4" else getattr(torch, name)
 
 
 class ChatTokenizer:
@@ -157,13 +158,15 @@ class Generator(ChatTokenizer):
         """Load a zoo model, a local folder or a hub id (see ``zoo.resolve``).
 
         Args:
-            dtype: "float32" (the default) or "bfloat16". On CPUs with AMX (``lscpu``
-                flag amx_bf16) bfloat16 reads prompts 10-18x faster and verifies a draft
-                of six tokens in about the time of one; greedy output may differ from
-                float32's, so compare methods at one dtype. A 16-bit model attends with
-                ``attention.INVARIANT``; its linear layers can still make a verified
-                draft differ from greedy in the last bits (see attention.py): lossless
-                methods are identical to greedy in float32.
+            dtype: "float32" (the default), "bfloat16" or "int4". On CPUs with AMX
+                (``lscpu`` flag amx_bf16) bfloat16 reads prompts 10-18x faster and
+                verifies a draft of six tokens in about the time of one; greedy output
+                may differ from float32's, so compare methods at one dtype. A 16-bit
+                model attends with ``attention.INVARIANT``; bfloat16's linear layers can
+                still make a verified draft differ from greedy in the last bits (see
+                attention.py). "int4" decodes on 4-bit weights with a row-invariant
+                kernel and reads prompts in bfloat16 (``int4.py``): lossless methods are
+                identical to greedy in float32 and in int4.
         """
         import torch
 
@@ -173,7 +176,11 @@ class Generator(ChatTokenizer):
 
         configure_threads()
         model, tokenizer = load_causal_lm(name_or_path, dtype=torch_dtype(dtype))
-        if model.dtype in (torch.bfloat16, torch.float16):
+        if dtype == "int4":
+            from .int4 import quantize_model
+
+            quantize_model(model)
+        elif model.dtype in (torch.bfloat16, torch.float16):
             use_invariant_attention(model)
         return cls(model, tokenizer, name=name_or_path)
 

@@ -1,0 +1,104 @@
+"""The int4 engine configuration: 4-bit weights, row-invariant, lossless methods equal greedy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ragdec.decoding.cost import forward_cost
+from ragdec.decoding.generator import Generator, torch_dtype
+from ragdec.decoding.int4 import GROUP, INT4, quantize_model, quantize_weight, weights_name
+from ragdec.decoding.kv import new_cache
+from ragdec.decoding.methods import GenerationParams
+
+from helpers import random_prompts
+
+
+@pytest.fixture(scope="module")
+def int4_tiny(tiny_tokenizer) -> Generator:
+    """A random 2-layer qwen2 whose linear layers take groups of 32 (the tiny models' 48 do not)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=1)
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8.0)
+    model.generation_config.eos_token_id = 0
+    model.generation_config.pad_token_id = 1
+    return Generator(quantize_model(model.to(torch.bfloat16)), tiny_tokenizer, name="tiny-int4")
+
+
+def test_weights_are_4_bit_groups_and_the_kernel_computes_their_dense_form():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128)
+    packed, scales_and_zeros, dense = quantize_weight(weight)
+    assert scales_and_zeros.shape == (128 // GROUP, 96, 2) and dense.dtype == torch.bfloat16
+    # 16 levels per group of 32 inputs, no more
+    groups = dense.float().reshape(96, 128 // GROUP, GROUP)
+    assert max(len(torch.unique(g)) for g in groups.reshape(-1, GROUP)) <= 16
+    assert (dense.float() - weight).abs().max() < 0.6 * (weight.max() - weight.min()) / 15
+    x = torch.randn(5, 128).bfloat16()
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
+    assert torch.allclose(kernel.float(), x.float() @ dense.float().T, rtol=0.02, atol=0.05)
+
+
+def test_every_row_of_a_verify_equals_a_one_token_step(int4_tiny):
+    """The property lossless methods rest on: logits of a forward over k tokens equal,
+    bit for bit, those of the k one-token forwards."""
+    model = int4_tiny.model
+    prompt = random_prompts(len(int4_tiny.tokenizer), 1, seed=3)[0] + [5, 9, 11]
+    with torch.inference_mode():
+        cache = new_cache(model)
+        model(torch.tensor([prompt[:-8]]), past_key_values=cache, use_cache=True)
+        alone = copy.deepcopy(cache)
+        batched = model(torch.tensor([prompt[-8:]]), past_key_values=cache, use_cache=True).logits[0]
+        singles = torch.cat([model(torch.tensor([[t]]), past_key_values=alone, use_cache=True).logits[0] for t in prompt[-8:]])
+    assert torch.equal(batched, singles)
+
+
+@pytest.mark.parametrize("method", ["llma", "free-lossless"])
+def test_lossless_methods_equal_greedy_in_int4(int4_tiny, method):
+    options = {"exit_layer": 1, "exit_threshold": 0.2, "adaptive": False} if method == "free-lossless" else {}
+    int4_tiny.method_state.clear()
+    for prompt in random_prompts(len(int4_tiny.tokenizer), 6, seed=11):
+        reference = int4_tiny.decode_text(prompt)  # the prompt itself: llma drafts from it
+        greedy = int4_tiny.generate(prompt, GenerationParams(max_new_tokens=24, method="greedy"))
+        ours = int4_tiny.generate(prompt, GenerationParams(max_new_tokens=24, method=method, options=options), [reference])
+        assert ours.token_ids == greedy.token_ids
+
+
+def test_the_configuration_is_named_and_refused_where_it_cannot_run(int4_tiny, tiny_generator):
+    assert weights_name(int4_tiny.model) == INT4 and weights_name(tiny_generator.model) == "float32"
+    assert torch_dtype("int4") == torch.bfloat16
+    with pytest.raises(ValueError, match="starts from a bfloat16 model"):
+        quantize_model(copy.deepcopy(tiny_generator.model))
+    with pytest.raises(ValueError, match="float32, bfloat16, int4"):
+        torch_dtype("int8")
+
+
+def test_int4_gets_its_own_cost_curve(int4_tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAGDEC_HOME", str(tmp_path))
+    forward_cost(int4_tiny.model, "tiny")
+    assert [p.name.split("-")[:2] for p in (tmp_path / "costs").iterdir()] == [["tiny", "int4"]]
+
+
+def test_int4_smollm2_llma_equals_greedy_on_copying_prompts(weights):
+    """smollm2-135m in int4: llma, which copies spans of the passage here, gives greedy's
+    tokens on every prompt."""
+    generator = Generator.load(weights("smollm2-135m-instruct"), "int4")
+    assert type(generator.model.lm_head).__name__ == "Int4Linear"
+    passages = [
+        "The Amazon River in South America is the largest river by discharge volume of water in the world.",
+        "Mount Kilimanjaro is a dormant volcano in Tanzania and the highest mountain in Africa, about 5,895 metres tall.",
+    ]
+    for passage in passages:
+        prompt = generator.prompt_ids(f"Passage: {passage}\nRepeat the passage's first sentence, then say what it is about.")
+        greedy = generator.generate(prompt, GenerationParams(max_new_tokens=32, method="greedy"))
+        llma = generator.generate(prompt, GenerationParams(max_new_tokens=32, method="llma"), [passage])
+        assert llma.token_ids == greedy.token_ids
+        assert llma.stats.accepted_tokens > 0
