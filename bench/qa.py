@@ -169,10 +169,12 @@ def _qa_store(data: Path, folder: Path):
 
 def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods=None, limit: int | None = None,
                  max_new_tokens: int = 128, k: int = 5, store: str | None = None, engine: str = "local",
-                 base_url: str | None = None, remote_model: str | None = None, progress: bool = True) -> dict:
+                 base_url: str | None = None, remote_model: str | None = None, progress: bool = True,
+                 dtype: str | None = None) -> dict:
     """Measure `qa` (see the module's docstring); write JSON to ``json_path`` unless None.
 
     Args:
+        dtype: the local model's weights (``Generator.load``; None: float32).
         engine: "local" (``methods`` in process), "openai" (through the server at
             ``base_url`` answering with ``remote_model``; ``model``'s tokenizer measures the
             prompts) or "loopback" (one method in process and through `ragdec serve` of
@@ -198,7 +200,7 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
         retriever = _qa_store(root, Path(store) if store else Path(tmp) / "squad")
         stack.callback(retriever.close)
         runs = _qa_runs(engine, specs if methods or engine != "loopback" else specs[:1], model, retriever,
-                        RagSettings(k=k), base_url, remote_model, stack)
+                        RagSettings(k=k), base_url, remote_model, stack, dtype)
         if retriever.documents is None:  # a Qdrant store opened from its manifest alone
             raise ValueError(f"bench qa reads which passage is whose from the store's documents file, which {store} lacks: "
                              "pass the folder the store was built in, or leave --store out")
@@ -236,7 +238,7 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
     result = {
         "workload": "qa",
         "machine": machine_info(),
-        "settings": {"model": model, "methods": list(rows), "reference": reference, "questions": len(questions),
+        "settings": {"model": model, "dtype": dtype or "float32", "methods": list(rows), "reference": reference, "questions": len(questions),
                      "max_new_tokens": max_new_tokens, "k": k, "retrieval": "dense, multilingual-e5-small, flat index",
                      "speed": "tokens_per_s: new tokens / whole request time (retrieval, prompt, prefill, decode), median",
                      "engine": engine, **({"base_url": base_url, "remote_model": remote_model} if engine == "openai" else {})},
@@ -252,7 +254,7 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
 
 
 def _qa_runs(engine: str, specs, model: str, retriever, settings, base_url: str | None, remote_model: str | None,
-             stack: contextlib.ExitStack) -> list[tuple[str, object, str, dict]]:
+             stack: contextlib.ExitStack, dtype: str | None = None) -> list[tuple[str, object, str, dict]]:
     """(label, pipeline, method, options): each way `qa` answers the questions, over one
     ``retriever``; what must stop at the end (a server, a connection pool) goes on ``stack``."""
     from ragdec.decoding.generator import ChatTokenizer, Generator
@@ -268,7 +270,7 @@ def _qa_runs(engine: str, specs, model: str, retriever, settings, base_url: str 
         remote = RemoteEngine(base_url, remote_model, tokenizer=model)
         stack.callback(remote.close)
         return [("remote", RagPipeline(remote, retriever, settings=settings), AUTO, {})]
-    generator = Generator.load(model)
+    generator = Generator.load(model, dtype)
     local = RagPipeline(generator, retriever, settings=settings)
     if engine == "local":
         return [(label, local, name, options) for label, name, options in specs]

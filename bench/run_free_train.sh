@@ -23,7 +23,8 @@ if [ ! -f "$OUT/ragdec_free.json" ]; then
     --prompts 60 --max-prompt-tokens 320 --out "$OUT" --json "bench/results/free_train_$MODEL.json"
 fi
 if [ ! -f "$home/free/$MODEL/layer$EXIT_LAYER.safetensors" ]; then
-  "$RAGDEC" free calibrate --model "$MODEL" --exit-layer "$EXIT_LAYER" --json "bench/results/free_calibration_$MODEL.json"
+  # the adapter of today, on the same answers the training saw
+  "$RAGDEC" free calibrate --model "$MODEL" --exit-layer "$EXIT_LAYER" --prompts 60 --max-prompt-tokens 320 --json "bench/results/free_calibration_$MODEL.json"
 fi
 for workload in xsum squad specbench-qa-translation; do
   "$RAGDEC" bench "$workload" --model "$MODEL" --exit-layer "$EXIT_LAYER" --limit "$LIMIT" --max-new-tokens "$TOKENS" \

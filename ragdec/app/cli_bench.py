@@ -71,7 +71,7 @@ def cmd_bench(args) -> int:
         model = args.model if args.engine == "openai" else args.model or DEFAULT_MODEL
         common = dict(model=model, methods=methods, limit=args.limit) | given(max_new_tokens=args.max_new_tokens)
         if args.workload == "qa":
-            qa.run_qa_bench(args.data, args.json, **common, **given(k=args.k, engine=args.engine, base_url=args.base_url,
+            qa.run_qa_bench(args.data, args.json, **common, **given(k=args.k, engine=args.engine, base_url=args.base_url, dtype=args.dtype,
                                                                      remote_model=args.remote_model))
         else:
             qa.run_chat_bench(args.data, args.json, **common, **given(turns=args.turns))
