@@ -6,7 +6,7 @@ to crop), on the chat-templated ids of the first rag prompts:
 
 1. **What a verify costs**: one forward over the last token plus k draft tokens, for k
    from 0 to 16, after the prompt (each width's fastest of ``repeats`` runs), beside the
-   same curve of ragdec's own engine (``cost.measure_forward_cost``, float32 and bfloat16).
+   same curve of ragdec's own engine (``cost.measure_forward_cost``: float32, bfloat16, int4).
    LLMA pays only where a draft of k costs little more than one token.
 2. **Whether a verify is lossless**: the logits of each row of a k-token batch against
    the logits of the same tokens fed one at a time (the greedy loop). A lossless method
@@ -158,7 +158,7 @@ def run_llamacpp_verify_bench(json_path: str | None, model: str | None = None, d
         print(f"llama.cpp {setting}: 1 token {curve[0] * 1e3:.1f} ms, 1+4 {curve[WIDTHS.index(4)] * 1e3:.1f} ms, "
               f"1+8 {curve[WIDTHS.index(8)] * 1e3:.1f} ms; batch rows equal to one-at-a-time "
               f"{result['llamacpp'][-1]['bitwise_equal_rows']}/{result['llamacpp'][-1]['rows']}")
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "int4"):
         engine = generator if dtype == "float32" else Generator.load(model, dtype)
         cost = measure_forward_cost(engine.model, context_len=len(ids[0]))
         curve = [round(cost.seconds[k], 5) for k in WIDTHS]
