@@ -14,7 +14,7 @@ from ragdec.decoding.free_train import FREE_META, TrainConfig, add_lora, merge_l
 from ragdec.decoding.generator import Generator
 from ragdec.decoding.methods import GenerationParams
 
-from helpers import random_prompts
+from helpers import random_prompts, small_qwen2
 
 DATA = Path(__file__).parent / "data"
 
@@ -22,17 +22,7 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="module")
 def four_layers(tiny_tokenizer) -> Generator:
     """A random 4-layer qwen2 (the tiny models have 2: there every exit layer is the default)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=48, intermediate_size=88, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=1)
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(8.0)
-    model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 1
+    model = small_qwen2(len(tiny_tokenizer), 48, 88, layers=4, seed=3)
     return Generator(model, tiny_tokenizer, name="tiny-4")
 
 

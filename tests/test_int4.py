@@ -13,23 +13,13 @@ from ragdec.decoding.int4 import GROUP, INT4, quantize_model, quantize_weight, w
 from ragdec.decoding.kv import new_cache
 from ragdec.decoding.methods import GenerationParams
 
-from helpers import random_prompts
+from helpers import random_prompts, small_qwen2
 
 
 @pytest.fixture(scope="module")
 def int4_tiny(tiny_tokenizer) -> Generator:
     """A random 2-layer qwen2 whose linear layers take groups of 32 (the tiny models' 48 do not)."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, eos_token_id=0, pad_token_id=1)
-    torch.manual_seed(5)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(8.0)
-    model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 1
+    model = small_qwen2(len(tiny_tokenizer), 64, 128, layers=2, seed=5)
     return Generator(quantize_model(model.to(torch.bfloat16)), tiny_tokenizer, name="tiny-int4")
 
 

@@ -156,6 +156,18 @@ def _workloads(text: str) -> tuple[str, ...]:
     return names
 
 
+def _add_prompt_arguments(parser, prompts: int, max_prompt_tokens: int, answer_tokens: int, mode: str) -> None:
+    """The flags that choose the prompts whose answers a command learns from."""
+    parser.add_argument("--prompts", type=int, default=prompts, help=f"prompts answered per workload{mode}")
+    parser.add_argument("--answer-tokens", type=int, default=answer_tokens, help="greedy tokens per answer")
+    parser.add_argument("--max-prompt-tokens", type=int, default=max_prompt_tokens, help=f"skip longer prompts{mode}")
+    parser.add_argument("--data", help="the benchmark data folder (default: $RAGDEC_DATA or ../shared/data)")
+    parser.add_argument(
+        "--workloads", type=_workloads, default=",".join(CALIBRATION_WORKLOADS), metavar="NAME,...",
+        help=f"the benchmark workloads whose prompts (past the benchmarks' own) are answered{mode}",
+    )
+
+
 def register(subparsers) -> None:
     """Add ``free`` (``calibrate``) to an argparse subparsers object."""
     from ragdec.decoding.free_calibrate import CalibrationConfig
@@ -173,14 +185,8 @@ def register(subparsers) -> None:
     )
     calibrate.add_argument("--steps", type=int, default=CalibrationConfig.steps, help="optimizer steps")
     calibrate.add_argument("--rank", type=int, default=CalibrationConfig.rank, help="the adapter's rank")
-    calibrate.add_argument("--prompts", type=int, default=60, help="prompts answered per workload (answers mode)")
-    calibrate.add_argument("--answer-tokens", type=int, default=CalibrationConfig.answer_tokens, help="greedy tokens per answer")
-    calibrate.add_argument("--max-prompt-tokens", type=int, default=700, help="skip longer prompts (answers mode)")
-    calibrate.add_argument("--data", help="the benchmark data folder (default: $RAGDEC_DATA or ../shared/data)")
-    calibrate.add_argument(
-        "--workloads", type=_workloads, default=",".join(CALIBRATION_WORKLOADS), metavar="NAME,...",
-        help="the benchmark workloads whose prompts are answered (answers mode)",
-    )
+    _add_prompt_arguments(calibrate, prompts=60, max_prompt_tokens=700, answer_tokens=CalibrationConfig.answer_tokens,
+                          mode=" (answers mode)")
     calibrate.add_argument(
         "--text", nargs="?", const="", metavar="FILE",
         help="train on windows of a text corpus (.jsonl or text) instead of the model's own answers; "
@@ -208,14 +214,7 @@ def register(subparsers) -> None:
     train.add_argument("--lr", type=float, help="learning rate (default 1e-4, with --lora-rank 1e-3)")
     train.add_argument("--shallow-weight", type=float, default=TrainConfig.shallow_weight, help="the exit head's share of the loss")
     train.add_argument("--sequences-per-step", type=int, default=TrainConfig.sequences_per_step, help="answers per optimizer step")
-    train.add_argument("--prompts", type=int, default=100, help="prompts answered per workload")
-    train.add_argument("--answer-tokens", type=int, default=TrainConfig.answer_tokens, help="greedy tokens per answer")
-    train.add_argument("--max-prompt-tokens", type=int, default=400, help="skip longer prompts")
-    train.add_argument("--data", help="the benchmark data folder (default: $RAGDEC_DATA or ../shared/data)")
-    train.add_argument(
-        "--workloads", type=_workloads, default=",".join(CALIBRATION_WORKLOADS), metavar="NAME,...",
-        help="the benchmark workloads whose prompts (past the benchmarks' own) are answered",
-    )
+    _add_prompt_arguments(train, prompts=60, max_prompt_tokens=320, answer_tokens=TrainConfig.answer_tokens, mode="")
     train.add_argument("--eval-every", type=int, default=TrainConfig.eval_every, help="steps between held-out evaluations")
     train.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, help="steps between checkpoints")
     train.add_argument("--out", required=True, help="the model folder to write (its train/ keeps the checkpoint to resume from)")

@@ -202,6 +202,32 @@ def text_teacher(model, tokenizer, texts: Sequence[str], config: CalibrationConf
 # ---- answers mode ---------------------------------------------------------------------
 
 
+def batched_greedy(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_token_id: int, batch_prompts: int,
+                   max_new_tokens: int, progress: bool, desc: str, **outputs):
+    """The model's greedy answers to ``prompts``, batched by length (left-padded): yields,
+    per batch, (prompt indices, ``generate``'s output, answers [B, S], running [B, S]),
+    where ``running`` marks the steps up to and including the one that yields EOS.
+    ``outputs``: what ``generate`` returns besides the tokens (output_logits=True, ...)."""
+    import torch
+    from tqdm import tqdm
+
+    eos = torch.tensor(sorted(eos_token_ids) or [-1])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i : i + batch_prompts] for i in range(0, len(order), batch_prompts)]
+    for batch in tqdm(batches, desc=desc, disable=not progress):
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.tensor([[pad_token_id] * (width - len(prompts[i])) + list(prompts[i]) for i in batch])
+        attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad_token_id, return_dict_in_generate=True, **outputs,
+            )
+        answer = out.sequences[:, width:]  # [B, S]
+        is_eos = torch.isin(answer, eos).int()
+        yield batch, out, answer, is_eos.cumsum(1) - is_eos == 0  # running: no EOS strictly before step s
+
+
 def answers_teacher(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_token_id: int,
                     config: CalibrationConfig, progress: bool) -> tuple[Teacher, Teacher]:
     """(train, held-out) teachers from the model's greedy answers to ``prompts``.
@@ -212,25 +238,12 @@ def answers_teacher(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_
     including the one that predicts EOS counts; the padding after it does not.
     """
     import torch
-    from tqdm import tqdm
 
-    eos = torch.tensor(sorted(eos_token_ids) or [-1])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     parts: dict[str, list] = {"train": [], "heldout": []}
-    batches = [order[i : i + config.batch_prompts] for i in range(0, len(order), config.batch_prompts)]
-    for batch in tqdm(batches, desc="answers", disable=not progress):
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.tensor([[pad_token_id] * (width - len(prompts[i])) + list(prompts[i]) for i in batch])
-        attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=attention, max_new_tokens=config.answer_tokens, do_sample=False,
-                pad_token_id=pad_token_id, return_dict_in_generate=True, output_hidden_states=True, output_logits=True,
-            )
-        answer = out.sequences[:, width:]  # [B, S]
-        is_eos = torch.isin(answer, eos).int()
-        running = is_eos.cumsum(1) - is_eos == 0  # [B, S]: no EOS strictly before step s
-        # hidden_states[step][i]: what enters layer i (the embeddings at i = 0); [-1]: normed
+    for batch, out, answer, running in batched_greedy(
+        model, prompts, eos_token_ids, pad_token_id, config.batch_prompts, config.answer_tokens, progress, "answers",
+        output_hidden_states=True, output_logits=True,
+    ):
         exit_hidden = {i: torch.stack([h[i][:, -1] for h in out.hidden_states], 1) for i in config.exit_layers}  # [B, S, H]
         deep = torch.stack([h[-1][:, -1] for h in out.hidden_states], 1)
         logits = torch.stack(out.logits, 1)  # [B, S, V]

@@ -154,24 +154,14 @@ def teacher_answers(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_
     """The original model's greedy answer to each prompt (up to and including EOS) and its
     top-k distribution at each answer position: [{prompt, answer, top_ids, top_probs}]."""
     import torch
-    from tqdm import tqdm
 
-    eos = torch.tensor(sorted(eos_token_ids) or [-1])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    from .free_calibrate import batched_greedy
+
     records: list[dict | None] = [None] * len(prompts)
-    batches = [order[i : i + config.batch_prompts] for i in range(0, len(order), config.batch_prompts)]
-    for batch in tqdm(batches, desc="teacher answers", disable=not progress):
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.tensor([[pad_token_id] * (width - len(prompts[i])) + list(prompts[i]) for i in batch])
-        attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=attention, max_new_tokens=config.answer_tokens, do_sample=False,
-                pad_token_id=pad_token_id, return_dict_in_generate=True, output_logits=True,
-            )
-        answer = out.sequences[:, width:]
-        is_eos = torch.isin(answer, eos).int()
-        running = (is_eos.cumsum(1) - is_eos) == 0  # no EOS strictly before this step
+    for batch, out, answer, running in batched_greedy(
+        model, prompts, eos_token_ids, pad_token_id, config.batch_prompts, config.answer_tokens, progress,
+        "teacher answers", output_logits=True,
+    ):
         probs, top = torch.stack(out.logits, 1).float().softmax(-1).topk(config.top_k, dim=-1)
         for row, index in enumerate(batch):
             keep = int(running[row].sum())
