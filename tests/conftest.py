@@ -48,16 +48,17 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
 
 
-def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0):
-    """A randomly initialised 2-layer model; odd sizes catch shape bugs."""
+def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0, hidden_size: int = 48, intermediate_size: int = 88,
+                   layers: int = 2):
+    """A randomly initialised model, 2 layers by default; odd sizes catch shape bugs."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
     config = config_class(
         vocab_size=vocab_size,
-        hidden_size=48,
-        intermediate_size=88,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

@@ -39,19 +39,3 @@ def noisy_copy(model, noise: float, seed: int = 1):
             param.add_(torch.randn(param.shape, generator=rng) * noise * param.std())
     return little
 
-
-def small_qwen2(vocab_size: int, hidden_size: int, intermediate_size: int, layers: int, seed: int):
-    """A random qwen2 with clear-cut argmax decisions (embeddings scaled up), for sizes the
-    session's tiny models do not have."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=0, pad_token_id=1)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(8.0)
-    model.generation_config.eos_token_id = 0
-    model.generation_config.pad_token_id = 1
-    return model

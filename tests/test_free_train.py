@@ -14,7 +14,8 @@ from ragdec.decoding.free_train import FREE_META, TrainConfig, add_lora, merge_l
 from ragdec.decoding.generator import Generator
 from ragdec.decoding.methods import GenerationParams
 
-from helpers import random_prompts, small_qwen2
+from conftest import tiny_causal_lm
+from helpers import random_prompts
 
 DATA = Path(__file__).parent / "data"
 
@@ -22,7 +23,7 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="module")
 def four_layers(tiny_tokenizer) -> Generator:
     """A random 4-layer qwen2 (the tiny models have 2: there every exit layer is the default)."""
-    model = small_qwen2(len(tiny_tokenizer), 48, 88, layers=4, seed=3)
+    model = tiny_causal_lm("qwen2", len(tiny_tokenizer), seed=3, hidden_size=48, intermediate_size=88, layers=4)
     return Generator(model, tiny_tokenizer, name="tiny-4")
 
 

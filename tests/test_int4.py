@@ -13,13 +13,14 @@ from ragdec.decoding.int4 import GROUP, INT4, quantize_model, quantize_weight, w
 from ragdec.decoding.kv import new_cache
 from ragdec.decoding.methods import GenerationParams
 
-from helpers import random_prompts, small_qwen2
+from conftest import tiny_causal_lm
+from helpers import random_prompts
 
 
 @pytest.fixture(scope="module")
 def int4_tiny(tiny_tokenizer) -> Generator:
     """A random 2-layer qwen2 whose linear layers take groups of 32 (the tiny models' 48 do not)."""
-    model = small_qwen2(len(tiny_tokenizer), 64, 128, layers=2, seed=5)
+    model = tiny_causal_lm("qwen2", len(tiny_tokenizer), seed=5, hidden_size=64, intermediate_size=128, layers=2)
     return Generator(quantize_model(model.to(torch.bfloat16)), tiny_tokenizer, name="tiny-int4")
 
 
