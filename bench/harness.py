@@ -161,8 +161,9 @@ def summarize(runs: dict[str, list[Run]], texts: dict[str, list[str]] | None = N
             entry[f"identical_to_{suffix}"] = _round(
                 sum(r.token_ids == ref.token_ids for r, ref in zip(method_runs, reference)) / len(method_runs), 4
             )
-        greedy = runs.get(greedy_spec(parse_method(method)[1].get("model")))
-        if greedy is not None and parse_method(method)[0] != "greedy":
+        name, options = parse_method(method)
+        greedy = runs.get(greedy_spec(options.get("model")))
+        if greedy is not None and name != "greedy":
             # ragdec's own greedy in the same engine configuration (the same model): what
             # "lossless" promises
             entry["identical_to_greedy"] = _round(sum(r.token_ids == g.token_ids for r, g in zip(method_runs, greedy)) / len(method_runs), 4)

@@ -123,6 +123,10 @@ def invariance(llama: LowLevelLlama, prompt: Sequence[int], width: int) -> dict:
     }
 
 
+def _costs(curve: Sequence[float]) -> str:
+    return f"1 token {curve[0] * 1e3:.1f} ms, 1+4 {curve[WIDTHS.index(4)] * 1e3:.1f} ms, 1+8 {curve[WIDTHS.index(8)] * 1e3:.1f} ms"
+
+
 def run_llamacpp_verify_bench(json_path: str | None, model: str | None = None, data: str | None = None,
                               prompts: int = 3, repeats: int = 5, width: int = 8) -> dict:
     from ragdec.app.cli_common import write_json
@@ -155,16 +159,14 @@ def run_llamacpp_verify_bench(json_path: str | None, model: str | None = None, d
             "same_argmax_rows": sum(c["same_argmax_rows"] for c in checks),
             "rows": sum(c["rows"] for c in checks), "max_abs_diff": max(c["max_abs_diff"] for c in checks),
         })
-        print(f"llama.cpp {setting}: 1 token {curve[0] * 1e3:.1f} ms, 1+4 {curve[WIDTHS.index(4)] * 1e3:.1f} ms, "
-              f"1+8 {curve[WIDTHS.index(8)] * 1e3:.1f} ms; batch rows equal to one-at-a-time "
-              f"{result['llamacpp'][-1]['bitwise_equal_rows']}/{result['llamacpp'][-1]['rows']}")
+        row = result["llamacpp"][-1]
+        print(f"llama.cpp {setting}: {_costs(curve)}; batch rows equal to one-at-a-time {row['bitwise_equal_rows']}/{row['rows']}")
     for dtype in ("float32", "bfloat16", "int4"):
         engine = generator if dtype == "float32" else Generator.load(model, dtype)
         cost = measure_forward_cost(engine.model, context_len=len(ids[0]))
         curve = [round(cost.seconds[k], 5) for k in WIDTHS]
         result["ragdec"][dtype] = {"seconds": curve, "relative_to_one_token": [round(s / curve[0], 3) for s in curve]}
-        print(f"ragdec {dtype}: 1 token {curve[0] * 1e3:.1f} ms, 1+4 {curve[WIDTHS.index(4)] * 1e3:.1f} ms, "
-              f"1+8 {curve[WIDTHS.index(8)] * 1e3:.1f} ms")
+        print(f"ragdec {dtype}: {_costs(curve)}")
     if json_path:
         write_json(result, json_path)
     return result

@@ -38,4 +38,3 @@ def noisy_copy(model, noise: float, seed: int = 1):
         for param in little.parameters():
             param.add_(torch.randn(param.shape, generator=rng) * noise * param.std())
     return little
-

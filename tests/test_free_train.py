@@ -148,6 +148,8 @@ def test_lora_trains_the_first_layers_only_and_merges_exactly(four_layers, tmp_p
 def test_bad_settings_say_what_to_pass(four_layers, tmp_path):
     with pytest.raises(ValueError, match="between 1 and 3"):
         train(fresh(four_layers), PROMPTS, TrainConfig(**{**SMALL, "exit_layer": 4}), tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match="--lora-rank must be at least 1"):
+        train(fresh(four_layers), PROMPTS, TrainConfig(**{**SMALL, "lora_rank": 0}), tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="too few"):
         train(fresh(four_layers), PROMPTS[:1], TrainConfig(**SMALL), tmp_path / "b", progress=False)
     assert trained_exit_layer(str(tmp_path)) is None

@@ -121,8 +121,6 @@ def cmd_free_train(args) -> int:
         shallow_weight=args.shallow_weight, sequences_per_step=args.sequences_per_step,
         answer_tokens=args.answer_tokens, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
     )
-    if args.lora_rank is not None and args.lora_rank < 1:
-        raise ValueError(f"--lora-rank must be at least 1, got {args.lora_rank}")
     generator = Generator.load(args.model)
     prompts = calibration_prompts(generator, args.prompts, args.max_prompt_tokens, args.data, args.workloads)
     report = train(generator, prompts, config, Path(args.out), progress=not args.quiet)

@@ -244,6 +244,7 @@ def answers_teacher(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_
         model, prompts, eos_token_ids, pad_token_id, config.batch_prompts, config.answer_tokens, progress, "answers",
         output_hidden_states=True, output_logits=True,
     ):
+        # hidden_states[step][i]: what enters layer i (the embeddings at i = 0); [-1]: normed
         exit_hidden = {i: torch.stack([h[i][:, -1] for h in out.hidden_states], 1) for i in config.exit_layers}  # [B, S, H]
         deep = torch.stack([h[-1][:, -1] for h in out.hidden_states], 1)
         logits = torch.stack(out.logits, 1)  # [B, S, V]

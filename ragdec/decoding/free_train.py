@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -244,7 +243,7 @@ def _trainable(model, config: TrainConfig):
         params = [p for _, _, lora in wrapped for p in (lora.lora_a, lora.lora_b)]
     else:
         wrapped = []
-        params = [p for p in model.model.layers.parameters()] + list(model.model.norm.parameters())
+        params = [*model.model.layers.parameters(), *model.model.norm.parameters()]
     for p in params:
         p.requires_grad_(True)
     return params, wrapped
@@ -274,6 +273,8 @@ def train(generator, prompts: Sequence[Sequence[int]], config: TrainConfig, out:
         raise ValueError(f"--exit-layer must be between 1 and {depth - 1} for this {depth}-layer model, got {config.exit_layer}")
     if config.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {config.steps}")
+    if config.lora_rank is not None and config.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be at least 1, got {config.lora_rank}")
     if not 0.0 <= config.shallow_weight <= 1.0:
         raise ValueError(f"the shallow weight is a share of the loss, between 0 and 1; got {config.shallow_weight}")
     out = Path(out).expanduser()
@@ -329,8 +330,7 @@ def train(generator, prompts: Sequence[Sequence[int]], config: TrainConfig, out:
     model.train()
     run_started = time.perf_counter()
     bar = tqdm(total=config.steps, initial=step, desc=f"free train (exit layer {config.exit_layer})", disable=not progress)
-    last = curve[-1]
-    bar.set_postfix(agree=f"{last['exit_agreement']:.1%}", fidelity=f"{last['deep_fidelity']:.1%}")
+    bar.set_postfix(agree=f"{curve[-1]['exit_agreement']:.1%}", fidelity=f"{curve[-1]['deep_fidelity']:.1%}")
     losses: list[float] = []
     while step < config.steps:
         optimizer.zero_grad()
@@ -347,15 +347,14 @@ def train(generator, prompts: Sequence[Sequence[int]], config: TrainConfig, out:
         scheduler.step()
         step += 1
         losses.append(total)
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.3f}", agree=f"{curve[-1]['exit_agreement']:.1%}", fidelity=f"{curve[-1]['deep_fidelity']:.1%}")
         if step % config.eval_every == 0 or step == config.steps:
             model.eval()
             point = _point(evaluate(model, heldout, [config.exit_layer], config.exit_layer), config.exit_layer)
             model.train()
             curve.append({"step": step, "loss": round(sum(losses) / len(losses), 4), **point})
             losses = []
-            bar.set_postfix(loss=f"{total:.3f}", agree=f"{point['exit_agreement']:.1%}", fidelity=f"{point['deep_fidelity']:.1%}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.3f}", agree=f"{curve[-1]['exit_agreement']:.1%}", fidelity=f"{curve[-1]['deep_fidelity']:.1%}")
         if step % config.checkpoint_every == 0 or step == config.steps:
             elapsed = seconds + time.perf_counter() - run_started
             state = {"key": config.key(), "step": step, "curve": curve, "seconds": elapsed,
@@ -394,17 +393,15 @@ def _point(evaluation: dict, exit_layer: int) -> dict:
 
 
 def save_model_folder(model, tokenizer, out: Path, meta: dict) -> None:
-    """Write the weights, config and tokenizer into ``out`` (each file fsynced and renamed
-    into place), then ``FREE_META``: a folder holding that file is complete."""
+    """Write the weights, config and tokenizer into ``out`` (each file renamed into place
+    with ``durable_rename``), then ``FREE_META``: a folder holding that file is complete."""
     partial = out / ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     for path in sorted(partial.iterdir()):
         if path.is_file():
-            path.chmod(0o644)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            path.chmod(0o644)  # save_pretrained's files can be 0600
             durable_rename(path, out / path.name)
     shutil.rmtree(partial, ignore_errors=True)
     write_json(meta, out / FREE_META)

@@ -32,6 +32,8 @@ compare methods within one configuration (``--dtype int4``).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from .attention import MAX_INVARIANT_QUERIES, use_invariant_attention
 
 INT4 = "int4"
@@ -61,7 +63,9 @@ def quantize_weight(weight, group: int = GROUP):
     return packed, scales_and_zeros, dense
 
 
+@lru_cache(maxsize=1)
 def _int4_linear_class():
+    """``Int4Linear``, made on first use so that importing this module stays light."""
     import torch
     from torch import nn
 
@@ -93,16 +97,6 @@ def _int4_linear_class():
     return Int4Linear
 
 
-_INT4_LINEAR = None
-
-
-def int4_linear(linear, group: int = GROUP):
-    global _INT4_LINEAR
-    if _INT4_LINEAR is None:
-        _INT4_LINEAR = _int4_linear_class()
-    return _INT4_LINEAR(linear, group)
-
-
 def quantize_model(model, group: int = GROUP):
     """Turn a bfloat16 causal LM into the int4 configuration in place: every linear layer
     of its decoder layers and its LM head on 4-bit weights (the input embedding, tied to
@@ -121,9 +115,8 @@ def quantize_model(model, group: int = GROUP):
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and module.in_features % group == 0]
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, int4_linear(module, group))
+        parent_name, _, child = name.rpartition(".")  # "" is the model itself
+        setattr(model.get_submodule(parent_name), child, _int4_linear_class()(module, group))
     model.config.tie_word_embeddings = False  # the head has its own (4-bit) weights now
     model.config.ragdec_weights = INT4
     use_invariant_attention(model)
