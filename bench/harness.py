@@ -89,9 +89,16 @@ def greedy_spec(model: str | None) -> str:
 
 
 def _weights_mb(model) -> float:
-    """Parameters and buffers (int4's packed weights are buffers)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)
+    """Parameters, buffers and the tensors modules hold as plain attributes (int4's 4-bit
+    weights are buffers, its int8 prompt weights attributes), each counted once."""
+    import torch
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(id(value), value)
+    return round(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20, 1)
 
 
 def _median(values) -> float | None:

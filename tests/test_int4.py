@@ -9,7 +9,8 @@ import torch
 
 from ragdec.decoding.cost import forward_cost
 from ragdec.decoding.generator import Generator, torch_dtype
-from ragdec.decoding.int4 import GROUP, INT4, quantize_model, quantize_weight, weights_name
+from ragdec.decoding.attention import MAX_INVARIANT_QUERIES
+from ragdec.decoding.int4 import GROUP, INT4, quantize_model, quantize_weight, unpack_int4, weights_name
 from ragdec.decoding.kv import new_cache
 from ragdec.decoding.methods import GenerationParams
 
@@ -36,6 +37,44 @@ def test_weights_are_4_bit_groups_and_the_kernel_computes_their_dense_form():
     x = torch.randn(5, 128).bfloat16()
     kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_and_zeros)
     assert torch.allclose(kernel.float(), x.float() @ dense.float().T, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("rows", [16, 80, 96, 4864 // 8])
+def test_unpack_reads_the_kernels_packing_back(rows):
+    """``weight`` of an int4 layer is unpacked from the kernel's own operands: whole blocks
+    of 64 rows and a rest of 16 or 32 both come back as the dense form."""
+    torch.manual_seed(rows)
+    packed, scales_and_zeros, dense = quantize_weight(torch.randn(rows, 96) * 0.1)
+    assert torch.equal(unpack_int4(packed, scales_and_zeros), dense)
+
+
+def test_a_prompt_runs_in_8_bits_close_to_the_dense_product(int4_tiny):
+    """Over more than MAX_INVARIANT_QUERIES positions a layer multiplies in int8 (each
+    position's activations on 127 levels): within 3% of the dense bfloat16 product, the
+    same whether its input was just quantized for a sibling projection or not."""
+    layer = int4_tiny.model.model.layers[0].mlp.gate_proj
+    torch.manual_seed(1)
+    first, second = (torch.randn(1, MAX_INVARIANT_QUERIES + 9, layer.in_features).bfloat16() for _ in range(2))
+    with torch.inference_mode():
+        for x in (first, second, first):  # a new input is never taken for the last one
+            dense = x.float() @ layer.weight.float().T
+            out = layer(x)
+            assert out.shape == dense.shape and out.dtype == torch.bfloat16
+            assert ((out.float() - dense).norm() / dense.norm()) < 0.03
+            assert torch.equal(layer(x), out)  # the remembered quantization gives the same bits
+
+
+def test_lossless_methods_equal_greedy_after_a_long_prompt(int4_tiny):
+    """Prompts past MAX_INVARIANT_QUERIES tokens are read in 8 bits; every method reads
+    them the same way, so llma stays greedy's."""
+    int4_tiny.method_state.clear()
+    vocab = len(int4_tiny.tokenizer)
+    for seed in range(3):
+        prompt = [t for p in random_prompts(vocab, 8, seed=seed) for t in p][:MAX_INVARIANT_QUERIES * 2]
+        assert len(prompt) > MAX_INVARIANT_QUERIES
+        greedy = int4_tiny.generate(prompt, GenerationParams(max_new_tokens=24, method="greedy"))
+        llma = int4_tiny.generate(prompt, GenerationParams(max_new_tokens=24, method="llma"), [int4_tiny.decode_text(prompt)])
+        assert llma.token_ids == greedy.token_ids
 
 
 def test_every_row_of_a_verify_equals_a_one_token_step(int4_tiny):

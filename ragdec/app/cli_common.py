@@ -64,21 +64,28 @@ PIPELINE_MODEL_HELP = (f"zoo name, local folder or hub id (default {DEFAULT_MODE
                        "tokenizer that measures prompts (default: an estimate of 3 bytes a token)")
 
 
-def add_dtype_argument(parser) -> None:
+# what ask, chat and serve load when --dtype is not given: the configuration that answers
+# rag requests fastest end to end (README, "ragdec beside llama.cpp"); generate and bench
+# keep float32, the zoo's weights as they are
+PIPELINE_DTYPE = "int4"
+
+
+def add_dtype_argument(parser, default: str = "float32") -> None:
     from ragdec.decoding.generator import DTYPES
 
     parser.add_argument(
-        "--dtype", choices=DTYPES, help="the model's weights (default float32); "
+        "--dtype", choices=DTYPES, help=f"the model's weights (default {default}): float32 as the zoo holds them; "
         "bfloat16 reads prompts 10x faster on CPUs with AMX; int4 decodes on 4-bit weights (steps about 5x as fast "
-        "as float32's on 2 cores) and reads prompts in bfloat16; output may differ from float32's"
+        "as float32's on 2 cores) and reads prompts in 8 bits; answers may differ between them"
     )
 
 
 def add_generation_arguments(parser, method: str | None, max_new_tokens: int | None, method_help: str,
-                             model_help: str | None = None) -> None:
+                             model_help: str | None = None, dtype: str = "float32") -> None:
     """--model, --method, --max-new-tokens, every method's knobs and --dtype. ``method`` and
     ``max_new_tokens`` are the command's own defaults; None leaves them to ``GenerationParams``.
-    ``model_help``: --model is left None when not given, and the help says what that means."""
+    ``model_help``: --model is left None when not given, and the help says what that means.
+    ``dtype``: the default the help names (the command applies it)."""
     from ragdec.decoding.methods import GenerationParams
 
     shown_method = GenerationParams.method if method is None else method
@@ -90,7 +97,7 @@ def add_generation_arguments(parser, method: str | None, max_new_tokens: int | N
     parser.add_argument("--method", default=method, help=f"{method_help} (default {shown_method})")
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"most tokens of an answer (default {shown_tokens})")
     add_method_knobs(parser)
-    add_dtype_argument(parser)
+    add_dtype_argument(parser, dtype)
 
 
 def generation_params(args, **fields):
@@ -192,7 +199,7 @@ def add_pipeline_arguments(parser) -> None:
     add_generation_arguments(
         parser, method="auto", max_new_tokens=ANSWER_MAX_NEW_TOKENS,
         method_help="decoding method; auto: llma when there is text to copy, else --default-method",
-        model_help=PIPELINE_MODEL_HELP,
+        model_help=PIPELINE_MODEL_HELP, dtype=PIPELINE_DTYPE,
     )
     parser.add_argument(
         "--default-method", help="what auto picks when there is nothing to copy (default: bild-lossless for a big "
@@ -265,7 +272,7 @@ def build_engine(args):
     if args.engine == "local":
         if remote_flags:
             raise ValueError(f"{', '.join(remote_flags)}: for a remote engine; add --engine openai (or drop them)")
-        return Generator.load(pipeline_model(args), args.dtype)
+        return Generator.load(pipeline_model(args), args.dtype or PIPELINE_DTYPE)
     from ragdec.pipelines.remote import RemoteEngine, RemoteSettings
 
     missing = [flag for flag, value in (("--base-url URL", args.base_url), ("--remote-model NAME", args.remote_model)) if not value]

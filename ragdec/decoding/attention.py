@@ -16,7 +16,9 @@ computed in float32 by the same matmuls whatever the number of rows:
     out[b, g, i] = softmax(scores[b, g, i] + mask) . V[b, g]
 
 Long queries (a prefill) go to sdpa: prefill is not compared position by position, and
-its speed is sdpa's. Used for models loaded in a 16-bit dtype (``Generator.load``).
+its speed is sdpa's (in float32 when the cache keeps float32 keys, as ragdec's caches do,
+``kv.py``: as fast as bfloat16's on these cores). Used for models loaded in a 16-bit dtype
+(``Generator.load``).
 
 This is the attention's share only. oneDNN's bfloat16 matmul gives the rows after the
 first of a many-row product last-bit differences from the one-row product now and then
@@ -48,6 +50,9 @@ def register_invariant_attention() -> str:
     def invariant_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         batch, heads, q_len, head_dim = query.shape  # [B, H, q, D]; key, value: [B, H / groups, T, D]
         if q_len > MAX_INVARIANT_QUERIES or dropout or kwargs.get("position_bias") is not None:
+            if key.dtype != query.dtype:  # ragdec's caches keep float32 (kv.py): sdpa takes one dtype
+                out, weights = prefill_attention(module, query.to(key.dtype), key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+                return out.to(query.dtype), weights
             return prefill_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         kv_heads, kv_len = key.shape[1], key.shape[-2]
         groups = heads // kv_heads
