@@ -357,9 +357,10 @@ def test_engine_flags_that_do_not_fit_say_what_to_do(argv, says, capsys):
 
 @pytest.fixture(scope="module")
 def backend(weights):
-    """`ragdec serve` of smollm2 in a subprocess (greedy, one request at a time): the API root."""
+    """`ragdec serve` of smollm2 in a subprocess (greedy, one request at a time, float32 like
+    the in-process ``smollm2`` fixture its answers are compared with): the API root."""
     port = free_port()
-    server = start_server(port, weights(MODEL), ["--no-cache", "--max-batch", "1", "--method", "greedy"])
+    server = start_server(port, weights(MODEL), ["--no-cache", "--max-batch", "1", "--method", "greedy", "--dtype", "float32"])
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
