@@ -112,6 +112,10 @@ def _requests(args, questions: list[str]):
 def cmd_ask(args) -> int:
     questions = _questions(args)
     requests = _requests(args, questions)
+    if len(requests) == 1:  # one prompt does not repay compiling the int4 prompt path
+        from ragdec.decoding.int4 import compile_prompts
+
+        compile_prompts(False)
     pipeline = build_pipeline(args)
     results = []
     try:

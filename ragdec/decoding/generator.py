@@ -165,7 +165,7 @@ class Generator(ChatTokenizer):
                 model attends with ``attention.INVARIANT``; bfloat16's linear layers can
                 still make a verified draft differ from greedy in the last bits (see
                 attention.py). "int4" decodes on 4-bit weights with a row-invariant
-                kernel and reads prompts in bfloat16 (``int4.py``): lossless methods are
+                kernel and reads prompts in 8 bits (``int4.py``): lossless methods are
                 identical to greedy in float32 and in int4.
         """
         import torch
