@@ -13,18 +13,22 @@ RAGDEC=${RAGDEC:-.venv/bin/ragdec}
 MODEL=${MODEL:-smollm2-135m-instruct}
 EXIT_LAYER=${EXIT_LAYER:-10}
 STEPS=${STEPS:-400}
-LR=${LR:-2e-4}
 TOKENS=${TOKENS:-64}
 LIMIT=${LIMIT:-8}
+PROMPTS=${PROMPTS:-60}  # calibration prompts per workload answered for training
+LORA_RANK=${LORA_RANK:-}  # set: a LoRA of this rank on the first EXIT_LAYER layers instead of every weight
+SHALLOW_WEIGHT=${SHALLOW_WEIGHT:-0.5}
+if [ -n "$LORA_RANK" ]; then LR=${LR:-1e-3}; else LR=${LR:-2e-4}; fi
 OUT=${OUT:-${RAGDEC_HOME:-$HOME/.cache/ragdec}/trained/$MODEL-free$EXIT_LAYER}
 home=${RAGDEC_HOME:-$HOME/.cache/ragdec}
 if [ ! -f "$OUT/ragdec_free.json" ]; then
   "$RAGDEC" free train --model "$MODEL" --exit-layer "$EXIT_LAYER" --steps "$STEPS" --lr "$LR" \
-    --prompts 60 --max-prompt-tokens 320 --out "$OUT" --json "bench/results/free_train_$MODEL.json"
+    ${LORA_RANK:+--lora-rank "$LORA_RANK"} --shallow-weight "$SHALLOW_WEIGHT" \
+    --prompts "$PROMPTS" --max-prompt-tokens 320 --out "$OUT" --json "bench/results/free_train_$MODEL.json"
 fi
 if [ ! -f "$home/free/$MODEL/layer$EXIT_LAYER.safetensors" ]; then
   # the adapter of today, on the same answers the training saw
-  "$RAGDEC" free calibrate --model "$MODEL" --exit-layer "$EXIT_LAYER" --prompts 60 --max-prompt-tokens 320 --json "bench/results/free_calibration_$MODEL.json"
+  "$RAGDEC" free calibrate --model "$MODEL" --exit-layer "$EXIT_LAYER" --prompts "$PROMPTS" --max-prompt-tokens 320 --json "bench/results/free_calibration_$MODEL.json"
 fi
 for workload in xsum squad specbench-qa-translation; do
   "$RAGDEC" bench "$workload" --model "$MODEL" --exit-layer "$EXIT_LAYER" --limit "$LIMIT" --max-new-tokens "$TOKENS" \
