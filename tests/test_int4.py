@@ -66,11 +66,12 @@ def test_a_prompt_runs_in_8_bits_close_to_the_dense_product(int4_tiny):
 
 
 @pytest.mark.parametrize("kind", ["quantize", "gated"])
-def test_the_compiled_prompt_path_equals_the_eager_one(kind):
+def test_the_compiled_prompt_path_equals_the_eager_one(kind, monkeypatch):
     """The fused (compiled) elementwise work of a prompt gives the codes and steps the eager
     torch ops give: within one code for a quantization; within three for the gated MLP,
     whose eager form rounds to bfloat16 after each of its four products, and rarely more
     than none (1 in 10 codes at most)."""
+    monkeypatch.setenv(int4.COMPILE_ENV, "1")  # whatever an earlier test (a one-question ask) set
     torch.manual_seed(3)
     rows, width = MAX_INVARIANT_QUERIES + 30, 96
     if kind == "quantize":
@@ -145,6 +146,23 @@ def test_lossless_methods_equal_greedy_after_a_long_prompt(int4_tiny):
         greedy = int4_tiny.generate(prompt, GenerationParams(max_new_tokens=24, method="greedy"))
         llma = int4_tiny.generate(prompt, GenerationParams(max_new_tokens=24, method="llma"), [int4_tiny.decode_text(prompt)])
         assert llma.token_ids == greedy.token_ids
+
+
+def test_the_batch_engines_thread_reads_long_prompts_compiled_as_a_caller_does(int4_tiny, monkeypatch):
+    """A server's prompts are read on the batch engine's own thread: the compiled prompt
+    path runs there and gives the tokens the caller's thread gets."""
+    monkeypatch.setenv(int4.COMPILE_ENV, "1")
+    vocab = len(int4_tiny.tokenizer)
+    prompts = [[t for p in random_prompts(vocab, 8, seed=seed) for t in p][: MAX_INVARIANT_QUERIES + 40] for seed in (7, 8)]
+    params = GenerationParams(max_new_tokens=12, method="greedy")
+    alone = [int4_tiny.generate(prompt, params).token_ids for prompt in prompts]
+    int4_tiny.start_batching(max_batch=2)
+    try:
+        batched = [int4_tiny.generate(prompt, params).token_ids for prompt in prompts]
+    finally:
+        int4_tiny.stop_batching()
+    assert batched == alone
+    assert not int4._quantize_rows.failed and not int4._gated_codes.failed
 
 
 def test_every_row_of_a_verify_equals_a_one_token_step(int4_tiny):

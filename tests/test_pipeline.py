@@ -254,9 +254,12 @@ def test_a_system_message_and_references_are_copyable(smollm2):
 # ---- commands ------------------------------------------------------------------------------
 
 
-def test_ask_command_streams_sources_and_stats(store, capsys, tmp_path):
+def test_ask_command_streams_sources_and_stats(store, capsys, tmp_path, monkeypatch):
     from ragdec.app.cli import main
+    from ragdec.decoding import int4
 
+    monkeypatch.delenv(int4.COMPILE_ENV, raising=False)
+    monkeypatch.setattr(int4, "_compile_prompts", True)
     code = main(["ask", "In what year was Nikola Tesla born?", "--store", str(store.folder), "--model", "smollm2-135m-instruct",
                  "--max-new-tokens", "24", "-k", "2", "--db", str(tmp_path / "qa.sqlite"), "--json", str(tmp_path / "a.json")])
     out, err = capsys.readouterr()
@@ -267,6 +270,7 @@ def test_ask_command_streams_sources_and_stats(store, capsys, tmp_path):
 
     saved = json.loads((tmp_path / "a.json").read_text())
     assert saved["answers"][0]["info"]["sources"]
+    assert not int4.compiling_prompts()  # one question does not repay compiling the int4 prompt path
 
 
 @pytest.mark.parametrize("argv, says", [
