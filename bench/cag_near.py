@@ -12,6 +12,9 @@ duplicate = 1), the first question is answered through the pipeline with the QA 
   unchanged by both (no write-back), so they answer the same prompt;
 - miss: nothing to copy.
 
+``near_in_prompt`` (``--near-in-prompt``): the near-hit answers also go into the prompt as
+passages (``RagSettings.near_in_prompt``), for greedy and llma alike.
+
 Reported over the second questions: the outcome shares; on near hits, greedy vs llma
 decode tokens/s and end-to-end time (medians, per-question ratios), identical answers.
 """
@@ -58,7 +61,7 @@ def _median(values):
 
 def run_cag_near_bench(
     data: str | None, json_path: str | None, model: str = "qwen2.5-coder-0.5b-instruct", pairs: int = DEFAULT_PAIRS,
-    max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
+    max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True, dtype: str = "float32", near_in_prompt: bool = False,
 ) -> dict:
     from tqdm import tqdm
 
@@ -71,12 +74,12 @@ def run_cag_near_bench(
 
     configure_threads()
     records = [r for r in read_jsonl(data_dir(data) / "cache" / "qqp_pairs.jsonl") if int(r.get("duplicate", 0)) == 1][:pairs]
-    generator = Generator.load(model)
+    generator = Generator.load(model, dtype=dtype)
     with tempfile.TemporaryDirectory() as scratch:
         cache = QACache.open(Path(scratch) / "cache.sqlite")
         # the first questions write back; the second ones only read, so both methods see the same cache
         writer = RagPipeline(generator, None, cache, RagSettings(cache_answers=True))
-        reader = RagPipeline(generator, None, cache, RagSettings(cache_answers=False))
+        reader = RagPipeline(generator, None, cache, RagSettings(cache_answers=False, near_in_prompt=near_in_prompt))
         _answer(writer, "What is a warm-up question?", "greedy", 8)  # loads and warms the embedder and model
         rows = []
         for i, record in enumerate(tqdm(records, desc="cag-near", unit="pair", disable=not progress)):
@@ -115,7 +118,7 @@ def run_cag_near_bench(
         "machine": machine_info(),
         "workload": "cag-near",
         "model": model,
-        "settings": {"pairs": len(rows), "max_new_tokens": max_new_tokens, "cache_embedder": cache.embedder.info.name},
+        "settings": {"pairs": len(rows), "max_new_tokens": max_new_tokens, "dtype": dtype, "near_in_prompt": near_in_prompt, "cache_embedder": cache.embedder.info.name},
         "targets": {"llma_decode_speedup_vs_greedy_on_near_hits_min": 2.0},
         "outcomes": outcomes,
         "near_hits": len(near),

@@ -197,6 +197,27 @@ def test_cache_answers_a_repeated_question_and_near_hits_become_references(store
     assert follow.info.cache == "off"
 
 
+def test_near_hit_answers_can_go_into_the_prompt_as_passages(smollm2, qa_cache):
+    """``near_in_prompt``: a near hit's stored answer is a numbered passage the model reads
+    (and a source the caller sees), for greedy and llma alike; off, it is a reference only."""
+    from ragdec.pipelines.rag import NEAR_ANSWER_TITLE
+
+    stored = "You cannot safely lose 5 kg in a week; aim for 0.5 to 1 kg."
+    question = "How do I lose 10 kg in a week?"  # the numbers differ: near, never served
+    answers = {}
+    for near_in_prompt in (False, True):
+        pipeline = RagPipeline(smollm2, None, qa_cache, RagSettings(cache_answers=False, near_in_prompt=near_in_prompt))
+        qa_cache.put("How do I lose 5 kg in a week?", stored, model=pipeline.engine.name, store_version=pipeline.store_version)
+        greedy, llma = collect(pipeline, [question_request(question, method=m, max_new_tokens=24) for m in ("greedy", "llma")])
+        assert greedy.info.cache == llma.info.cache == "near"
+        assert greedy.text == llma.text
+        answers[near_in_prompt] = greedy
+    assert answers[False].info.sources == ()
+    source, = answers[True].info.sources
+    assert (source.number, source.title, source.text) == (1, NEAR_ANSWER_TITLE, stored)
+    assert answers[True].stats.prompt_tokens > answers[False].stats.prompt_tokens + 10
+
+
 def test_chat_keeps_history_reuses_its_kv_and_copies_from_it(store, smollm2):
     pipeline = RagPipeline(smollm2, store, settings=RagSettings(k=2))
     greedy = ChatSession(pipeline, GenerationParams(max_new_tokens=24, method="greedy"))

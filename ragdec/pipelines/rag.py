@@ -36,6 +36,7 @@ from .router import Router, default_method
 from .types import AUTO, AnswerInfo, Chunk, Request
 
 BATCH_METHODS = frozenset({"pid", "pid-llma"})  # methods that answer a group of requests at once
+NEAR_ANSWER_TITLE = "An earlier answer to a similar question"  # a near-hit answer as a passage
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class RagSettings:
     plain_system_prompt: str = PLAIN_SYSTEM_PROMPT  # the same, for a pipeline without a store
     cache_answers: bool = True  # write generated answers to the QA cache
     reuse_prefix: bool = True  # keep the KV of the system prompt and history across requests
+    # near-hit answers also go into the prompt, as passages after the store's ("an earlier
+    # answer to a similar question"), so the model sees what it may copy; off: they are the
+    # decoder's references only, and a near hit is answered as a miss would be
+    near_in_prompt: bool = False
 
 
 class RagPipeline:
@@ -150,6 +155,12 @@ class RagPipeline:
             retrieval_s = time.perf_counter() - t0
             sources = fit_sources(
                 [Source(h.rank, h.id, h.title, h.text, h.score) for h in hits], settings.passage_tokens, self.engine.count_tokens
+            )
+        if settings.near_in_prompt and lookup is not None and lookup.outcome == "near":
+            sources += fit_sources(
+                [Source(max((s.number for s in sources), default=0) + 1 + i, -1, NEAR_ANSWER_TITLE, text, lookup.score)
+                 for i, text in enumerate(lookup.references)],
+                settings.passage_tokens, self.engine.count_tokens,
             )
         # copyable: passages, earlier turns, the caller's system message (where a chain puts
         # its context), near-hit answers and the caller's references
