@@ -7,7 +7,7 @@
 # on the original with its adapter, and greedy, free and free-lossless on the trained
 # model (model=DIR), float32. Training takes about 45 minutes on 2 cores for smollm2
 # (a resumed run goes on from its checkpoint), the benchmarks about 20; run it alone.
-# qwen2.5-coder-0.5b as in the README (34 minutes of training, 25 of benchmarks):
+# qwen2.5-coder-0.5b as in the README (34 minutes of training, about 22 of calibration and benchmarks):
 #   MODEL=qwen2.5-coder-0.5b-instruct EXIT_LAYER=17 LORA_RANK=16 STEPS=150 PROMPTS=20 SHALLOW_WEIGHT=0.3
 set -euo pipefail
 cd "$(dirname "$0")/.."
