@@ -77,7 +77,7 @@ def test_the_compiled_prompt_path_equals_the_eager_one(kind, monkeypatch):
     if kind == "quantize":
         x = (torch.randn(rows, width) * torch.logspace(-2, 2, rows)[:, None]).bfloat16()
         args = (x,)
-        fused, eager = int4._quantize_rows, int4._quantize_rows_eager
+        fused, eager = int4._quantize_rows, int4.quantize_rows
     else:
         gate, up = (torch.randn(rows, width).mul(40).bfloat16() for _ in range(2))
         peak = torch.rand(rows, 1).div(10).bfloat16()

@@ -174,21 +174,15 @@ class _Fused:
 
 def quantize_rows(flat):
     """A prompt's activations ``flat`` [rows, K] in 8 bits, each row on 127 levels of its
-    largest magnitude: (uint8 codes with zero point 128, bfloat16 steps [rows, 1])."""
+    largest magnitude: (uint8 codes with zero point 128, bfloat16 steps [rows, 1]).
+
+    Written for both ways it runs: compiled, the passes fuse; eagerly, the in-place ops
+    work on a float32 copy (converted before the multiply: a bfloat16 x float32 product
+    takes torch's slow mixed-dtype path, 4-5x the time)."""
     import torch
 
-    top = flat.abs().amax(1, keepdim=True).float().clamp(min=1e-6)  # [rows, 1]
-    codes = flat.float().mul(127 / top).round().add(128).to(torch.uint8)
-    return codes, (top / 127).bfloat16()
-
-
-def _quantize_rows_eager(flat):
-    import torch
-
-    top = flat.abs().amax(1, keepdim=True).float().clamp_(min=1e-6)
-    # converted before the multiply: a bfloat16 x float32 product takes torch's slow
-    # mixed-dtype path (4-5x the time of this conversion and in-place multiply)
-    codes = flat.float().mul_(127 / top).round_().add_(128).to(torch.uint8)
+    top = flat.abs().amax(1, keepdim=True).float().clamp_(min=1e-6)  # [rows, 1]
+    codes = flat.to(torch.float32, copy=True).mul_(127 / top).round_().add_(128).to(torch.uint8)
     return codes, (top / 127).bfloat16()
 
 
@@ -206,10 +200,10 @@ def _gated_codes_eager(gate, up, peak):
     import torch
 
     gate, up = gate.mul_(peak), up.mul_(peak)  # bfloat16, in place: each pass is a copy less
-    return _quantize_rows_eager(torch.nn.functional.silu(gate, inplace=True).mul_(up))
+    return quantize_rows(torch.nn.functional.silu(gate, inplace=True).mul_(up))
 
 
-_quantize_rows = _Fused(quantize_rows, _quantize_rows_eager)
+_quantize_rows = _Fused(quantize_rows, quantize_rows)
 _gated_codes = _Fused(gated_codes, _gated_codes_eager)
 
 
