@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from ragdec.decoding.cost import ForwardCost
+from ragdec.decoding import cost as cost_module
+from ragdec.decoding.cost import CURVE_VERSION, MAX_DRAFT, ForwardCost, forward_cost
 from ragdec.decoding.generator import Generator
 from ragdec.decoding.llma import reference_variants
 from ragdec.decoding.methods import GenerationParams
@@ -85,6 +87,23 @@ def test_cost_model_drafts_only_what_pays():
     assert cost.best_draft_len(0.1, 4) == 0
     assert cost.best_draft_len(0.99, 4) == 3  # 3.94 tokens in 0.17 s beats 4.90 in 0.25 s
     assert cost.best_draft_len(0.99, 1) == 1  # never more than is available
+
+
+def test_cost_curve_times_every_draft_length_and_remeasures_old_records(tiny_generator, tmp_path, monkeypatch):
+    """A record from before every length was timed (interpolated between a few) is measured
+    again; the new one holds a non-decreasing cost for each draft length 0..MAX_DRAFT."""
+    monkeypatch.setenv("RAGDEC_HOME", str(tmp_path))
+    monkeypatch.setattr(cost_module, "_MEMO", {})
+    forward_cost(tiny_generator.model, "tiny")
+    (path,) = (tmp_path / "costs").iterdir()
+    stale = {"model": "tiny", "seconds": [9.0] * (MAX_DRAFT + 1)}  # no version: the old format
+    path.write_text(json.dumps(stale))
+    monkeypatch.setattr(cost_module, "_MEMO", {})
+    cost = forward_cost(tiny_generator.model, "tiny")
+    record = json.loads(path.read_text())
+    assert record["version"] == CURVE_VERSION and len(record["seconds"]) == MAX_DRAFT + 1
+    assert list(cost.seconds) == record["seconds"] and max(cost.seconds) < 9.0
+    assert all(a <= b for a, b in zip(cost.seconds, cost.seconds[1:]))
 
 
 def test_reference_variants_docstring_example():
