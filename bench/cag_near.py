@@ -16,7 +16,11 @@ duplicate = 1), the first question is answered through the pipeline with the QA 
 passages (``RagSettings.near_in_prompt``), for greedy and llma alike.
 
 Reported over the second questions: the outcome shares; on near hits, greedy vs llma
-decode tokens/s and end-to-end time (medians, per-question ratios), identical answers.
+decode tokens/s and end-to-end time (medians, per-question ratios), identical answers,
+and ``copy_speedup_bound``: how fast an oracle drafter copying from the near-hit answers,
+the question and the answer so far could decode greedy's answer on this machine's cost
+curve (``copy_bound.py``), which says how much of the gap to a target is the drafter's
+and how much is what the answers share.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .copy_bound import copy_speedup_bound
 from .workloads import data_dir, read_jsonl
 
 DEFAULT_PAIRS = 40  # duplicate pairs read (in file order)
@@ -59,6 +64,21 @@ def _median(values):
     return round(statistics.median(values), 4) if values else None
 
 
+def _bound(generator, cost, row: dict) -> float | None:
+    """The oracle's decode speedup for a near hit's greedy answer (``copy_bound.py``), with
+    the loop's overhead per forward taken from greedy's measured step."""
+    from ragdec.decoding.llma import reference_variants
+
+    def ids(text):
+        return generator.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    answer = ids(row["greedy"]["text"])
+    sources = [ids(v) for ref in row["references"] for v in reference_variants(ref)] + [ids(row["second"])]
+    step = 1.0 / row["greedy"]["decode_tokens_per_s"] if row["greedy"]["decode_tokens_per_s"] else cost.seconds[0]
+    bound = copy_speedup_bound(answer, sources, cost.seconds, max(0.0, step - cost.seconds[0]))
+    return None if bound is None else round(bound, 4)
+
+
 def run_cag_near_bench(
     data: str | None, json_path: str | None, model: str = "qwen2.5-coder-0.5b-instruct", pairs: int = DEFAULT_PAIRS,
     max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True, dtype: str = "float32", near_in_prompt: bool = False,
@@ -66,6 +86,7 @@ def run_cag_near_bench(
     from tqdm import tqdm
 
     from ragdec.cache.lookup import QACache
+    from ragdec.decoding.cost import forward_cost
     from ragdec.decoding.generator import Generator, configure_threads
     from ragdec.pipelines.rag import RagPipeline, RagSettings
 
@@ -75,6 +96,7 @@ def run_cag_near_bench(
     configure_threads()
     records = [r for r in read_jsonl(data_dir(data) / "cache" / "qqp_pairs.jsonl") if int(r.get("duplicate", 0)) == 1][:pairs]
     generator = Generator.load(model, dtype=dtype)
+    cost = forward_cost(generator.model, generator.name)
     with tempfile.TemporaryDirectory() as scratch:
         cache = QACache.open(Path(scratch) / "cache.sqlite")
         # the first questions write back; the second ones only read, so both methods see the same cache
@@ -83,8 +105,8 @@ def run_cag_near_bench(
         _answer(writer, "What is a warm-up question?", "greedy", 8)  # loads and warms the embedder and model
         rows = []
         for i, record in enumerate(tqdm(records, desc="cag-near", unit="pair", disable=not progress)):
-            _answer(writer, record["a"], "greedy", max_new_tokens)
-            row = {"first": record["a"], "second": record["b"]}
+            first = _answer(writer, record["a"], "greedy", max_new_tokens)
+            row = {"first": record["a"], "second": record["b"], "first_answer": first["text"]}
             order = ("greedy", "llma") if i % 2 == 0 else ("llma", "greedy")
             for method in order:
                 answer = _answer(reader, record["b"], method, max_new_tokens)
@@ -92,6 +114,10 @@ def run_cag_near_bench(
                 if answer["outcome"] != "near":  # served, or nothing to copy: one look is enough
                     break
                 row[method] = answer
+            if row["outcome"] == "near":  # what llma was given to copy, for the oracle's bound
+                lookup = cache.lookup(record["b"], model=reader.engine.name, store_version=reader.store_version)
+                row["references"] = list(lookup.references)
+                row["copy_speedup_bound"] = _bound(generator, cost, row)
             rows.append(row)
         cache.close()
     near = [r for r in rows if r["outcome"] == "near"]
@@ -113,6 +139,7 @@ def run_cag_near_bench(
         decode_speedup_vs_greedy=_median(speedups),
         e2e_speedup_vs_greedy=_median(r["greedy"]["e2e_s"] / r["llma"]["e2e_s"] for r in near),
         identical_to_greedy=round(sum(r["llma"]["text"] == r["greedy"]["text"] for r in near) / len(near), 4) if near else None,
+        copy_speedup_bound=_median(r["copy_speedup_bound"] for r in near),
     )
     result = {
         "machine": machine_info(),
@@ -128,7 +155,8 @@ def run_cag_near_bench(
     print(
         f"cag-near on {model}: {len(rows)} second questions; outcomes {outcomes}; on {len(near)} near hits: "
         f"llma {methods['llma']['decode_speedup_vs_greedy']}x greedy decode tokens/s, "
-        f"{methods['llma']['e2e_speedup_vs_greedy']}x end to end, identical {methods['llma']['identical_to_greedy']}"
+        f"{methods['llma']['e2e_speedup_vs_greedy']}x end to end, identical {methods['llma']['identical_to_greedy']}; "
+        f"an oracle copying from the same references: {methods['llma']['copy_speedup_bound']}x"
     )
     if json_path:
         write_json(result, json_path)

@@ -144,7 +144,7 @@ def test_acceptance_estimate_docstring_example():
     from ragdec.decoding.llma import AcceptanceEstimate
 
     estimate = AcceptanceEstimate(max_draft=16)
-    situation = (4, True)
+    situation = (4, 1)
     for _ in range(3):
         estimate.update(situation, 16, 16)
     estimate.update(situation, 16, 2)

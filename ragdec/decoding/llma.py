@@ -64,9 +64,11 @@ class AcceptanceEstimate:
     """How far a draft is likely to stand: for each draft position j, the chance that
     token j stands given that the tokens before it did, learnt per situation.
 
-    A situation is how long the match is (1, 2, 3, 4+ tokens) and whether the previous
-    draft stood whole: inside a span that is being copied the next draft is far more
-    likely to stand than after a miss. Each position's chance is shrunk towards the
+    A situation is how long the match is (1, 2, 3, 4+ tokens) and how many drafts in a
+    row stood whole (0, 1, 2, 3+): inside a span that is being copied the next draft is
+    far more likely to stand than after a miss, and more so the longer the copy has run
+    (an answer repeating an earlier one word for word runs to its end, where a copied
+    phrase stops after a few tokens). Each position's chance is shrunk towards the
     situation's pooled rate (every accepted token a success, every draft cut short a
     failure, prior 3:1), so positions that long drafts have rarely reached borrow from
     the short ones. The product of the chances gives the survival curve that the cost
@@ -83,21 +85,22 @@ class AcceptanceEstimate:
 
     def __init__(self, max_draft: int = 16):
         self.max_draft = max_draft
-        self._accepted: dict[tuple[int, bool], float] = {}
-        self._rejected: dict[tuple[int, bool], float] = {}
-        self._reached: dict[tuple[int, bool], list[int]] = {}  # [j]: drafts that got to position j + 1
-        self._stood: dict[tuple[int, bool], list[int]] = {}  # [j]: of those, token j + 1 stood
+        self._accepted: dict[tuple[int, int], float] = {}
+        self._rejected: dict[tuple[int, int], float] = {}
+        self._reached: dict[tuple[int, int], list[int]] = {}  # [j]: drafts that got to position j + 1
+        self._stood: dict[tuple[int, int], list[int]] = {}  # [j]: of those, token j + 1 stood
 
     @staticmethod
-    def situation(match_len: int, in_copy: bool) -> tuple[int, bool]:
-        return min(match_len, 4), in_copy
+    def situation(match_len: int, streak: int) -> tuple[int, int]:
+        """``streak``: the drafts in a row that stood whole, up to this one."""
+        return min(match_len, 4), min(streak, 3)
 
-    def rate(self, situation: tuple[int, bool]) -> float:
+    def rate(self, situation: tuple[int, int]) -> float:
         a = self._accepted.get(situation, 0.0) + self.PRIOR_ACCEPTED
         r = self._rejected.get(situation, 0.0) + self.PRIOR_REJECTED
         return a / (a + r)
 
-    def survival(self, situation: tuple[int, bool]) -> list[float]:
+    def survival(self, situation: tuple[int, int]) -> list[float]:
         pooled = self.rate(situation)
         reached = self._reached.get(situation, [0] * self.max_draft)
         stood = self._stood.get(situation, [0] * self.max_draft)
@@ -107,7 +110,7 @@ class AcceptanceEstimate:
             curve.append(alive)
         return curve
 
-    def update(self, situation: tuple[int, bool], drafted: int, accepted: int) -> None:
+    def update(self, situation: tuple[int, int], drafted: int, accepted: int) -> None:
         self._accepted[situation] = self._accepted.get(situation, 0.0) + accepted
         if accepted < drafted:
             self._rejected[situation] = self._rejected.get(situation, 0.0) + 1
@@ -142,8 +145,8 @@ class LLMADrafter:
         self._self_seq: int | None = None  # the prompt and answer, indexed as they grow
         self._answer: list[int] = []  # this request's answer, shared with the memory
         self._prompt_len = 0
-        self._situation = (0, False)
-        self._in_copy = False  # the last draft stood whole
+        self._situation = (0, 0)
+        self._streak = 0  # drafts in a row that stood whole
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
         if self._self_seq is None:
@@ -156,7 +159,7 @@ class LLMADrafter:
         match = self.index.lookup(tokens, limit) if limit > 0 else None
         if match is None:
             return []
-        self._situation = AcceptanceEstimate.situation(match.match_len, self._in_copy)
+        self._situation = AcceptanceEstimate.situation(match.match_len, self._streak)
         if self.config.copy_k is not None or self.cost is None:
             return list(match.continuation)
         k = self.cost.best_draft_len(self.memory.estimate.survival(self._situation), len(match.continuation))
@@ -166,7 +169,7 @@ class LLMADrafter:
         self._answer[:] = tokens[self._prompt_len :]
         if drafted:
             self.memory.estimate.update(self._situation, drafted, accepted)
-        self._in_copy = drafted > 0 and accepted == drafted
+        self._streak = self._streak + 1 if drafted > 0 and accepted == drafted else 0
 
 
 def build_index(
