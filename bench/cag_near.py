@@ -15,7 +15,9 @@ duplicate = 1), the first question is answered through the pipeline with the QA 
 ``near_in_prompt`` (``--near-in-prompt``): the near-hit answers also go into the prompt as
 passages (``RagSettings.near_in_prompt``), for greedy and llma alike.
 
-Reported over the second questions: the outcome shares; on near hits, greedy vs llma
+Reported over the second questions (each row names its pair by its place among the
+file's duplicate pairs; the questions themselves are not copied into the results): the
+outcome shares; on near hits, greedy vs llma
 decode tokens/s and end-to-end time (medians, per-question ratios), identical answers,
 and ``copy_speedup_bound``: how fast an oracle drafter copying from the near-hit answers,
 the question and the answer so far could decode greedy's answer on this machine's cost
@@ -64,7 +66,7 @@ def _median(values):
     return round(statistics.median(values), 4) if values else None
 
 
-def _bound(generator, cost, row: dict) -> float | None:
+def _bound(generator, cost, row: dict, question: str) -> float | None:
     """The oracle's decode speedup for a near hit's greedy answer (``copy_bound.py``), with
     the loop's overhead per forward taken from greedy's measured step."""
     from ragdec.decoding.llma import reference_variants
@@ -73,7 +75,7 @@ def _bound(generator, cost, row: dict) -> float | None:
         return generator.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     answer = ids(row["greedy"]["text"])
-    sources = [ids(v) for ref in row["references"] for v in reference_variants(ref)] + [ids(row["second"])]
+    sources = [ids(v) for ref in row["references"] for v in reference_variants(ref)] + [ids(question)]
     step = 1.0 / row["greedy"]["decode_tokens_per_s"] if row["greedy"]["decode_tokens_per_s"] else cost.seconds[0]
     bound = copy_speedup_bound(answer, sources, cost.seconds, max(0.0, step - cost.seconds[0]))
     return None if bound is None else round(bound, 4)
@@ -106,7 +108,9 @@ def run_cag_near_bench(
         rows = []
         for i, record in enumerate(tqdm(records, desc="cag-near", unit="pair", disable=not progress)):
             first = _answer(writer, record["a"], "greedy", max_new_tokens)
-            row = {"first": record["a"], "second": record["b"], "first_answer": first["text"]}
+            # the questions stay in the data folder (Quora's terms): a row names its pair by
+            # its place among the file's duplicate pairs
+            row = {"pair": i, "first_answer": first["text"]}
             order = ("greedy", "llma") if i % 2 == 0 else ("llma", "greedy")
             for method in order:
                 answer = _answer(reader, record["b"], method, max_new_tokens)
@@ -117,7 +121,7 @@ def run_cag_near_bench(
             if row["outcome"] == "near":  # what llma was given to copy, for the oracle's bound
                 lookup = cache.lookup(record["b"], model=reader.engine.name, store_version=reader.store_version)
                 row["references"] = list(lookup.references)
-                row["copy_speedup_bound"] = _bound(generator, cost, row)
+                row["copy_speedup_bound"] = _bound(generator, cost, row, record["b"])
             rows.append(row)
         cache.close()
     near = [r for r in rows if r["outcome"] == "near"]

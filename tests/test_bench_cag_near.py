@@ -49,6 +49,9 @@ def test_cag_near_bench_on_smollm2(tmp_path, weights):
     result = json.loads(out.read_text())
     assert result["settings"]["pairs"] == 4 and result["settings"]["near_in_prompt"] is True
     assert sum(result["outcomes"].values()) == pytest.approx(1.0)
+    assert [r["pair"] for r in result["rows"]] == [0, 1, 2, 3]
+    written = out.read_text()
+    assert not any(p[side] in written for p in pairs for side in "ab")  # the questions stay in the data folder
     near = [r for r in result["rows"] if r["outcome"] == "near"]
     assert result["near_hits"] == len(near) >= 1
     for row in near:
