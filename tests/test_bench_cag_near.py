@@ -25,7 +25,13 @@ def test_copy_bound_takes_only_what_pays_and_what_is_there():
     assert longest_copy([1, 2, 1, 2, 1, 2], 2, []) == 2  # only what is already written can be copied
     assert copy_speedup_bound([1, 2, 1, 2, 1, 2], [], seconds) == pytest.approx(5 / (1.0 + 2.0 + 1.0))
     assert copy_speedup_bound([7], [[7]], seconds) is None  # no decode phase
-    # the loop's overhead per forward counts for both: it narrows the ratio
+    # after a one-token match only: in [9, 6, 7, 8] nothing follows a 5, so the copy can
+    # start only once 6 is decoded (a step, then [7, 8] drafted); in [5, 6, 7, 8] at once
+    seconds = (1.0, 1.2, 1.4, 1.6, 1.8)
+    assert copy_speedup_bound([5, 6, 7, 8, 9], [[9, 6, 7, 8]], seconds) == pytest.approx(2.5)
+    assert copy_speedup_bound([5, 6, 7, 8, 9], [[9, 6, 7, 8]], seconds, after_last=True) == pytest.approx(4 / 2.4)
+    assert copy_speedup_bound([5, 6, 7, 8, 9], [[5, 6, 7, 8]], seconds, after_last=True) == pytest.approx(2.5)
+    # the loop's overhead per forward counts for both, and fewer forwards save it too
     assert copy_speedup_bound([5, 6, 7, 8, 9], [[6, 7, 8, 9]], (1.0, 1.2, 1.4, 1.6), overhead=1.0) == pytest.approx(8 / 2.6)
 
 
@@ -57,5 +63,6 @@ def test_cag_near_bench_on_smollm2(tmp_path, weights):
     for row in near:
         assert row["first_answer"] and row["references"]  # the cached answers llma was given
         assert row["llma"]["text"] == row["greedy"]["text"]  # lossless
-        assert row["copy_speedup_bound"] is None or row["copy_speedup_bound"] >= 1.0
+        if row["copy_speedup_bound"] is not None:  # a lookup's copies are a part of any copies
+            assert row["copy_speedup_bound"] >= row["lookup_speedup_bound"] >= 1.0
     assert result["methods"]["llma"]["identical_to_greedy"] == 1.0
