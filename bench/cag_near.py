@@ -17,9 +17,8 @@ passages (``RagSettings.near_in_prompt``), for greedy and llma alike.
 
 Reported over the second questions (each row names its pair by its place among the
 file's duplicate pairs; the questions themselves are not copied into the results): the
-outcome shares; on near hits, greedy vs llma
-decode tokens/s and end-to-end time (medians, per-question ratios), identical answers,
-and ``copy_speedup_bound``: how fast an oracle drafter copying from the near-hit answers,
+outcome shares; on near hits, greedy vs llma decode tokens/s and end-to-end time
+(medians, per-question ratios), identical answers, and ``copy_speedup_bound``: how fast an oracle drafter copying from the near-hit answers,
 the question and the answer so far could decode greedy's answer on this machine's cost
 curve (``copy_bound.py``), which says how much of the gap to a target is the drafter's
 and how much is what the answers share; ``lookup_speedup_bound`` the same oracle copying

@@ -6,10 +6,10 @@ be accepted. The cost curve is measured once per model and machine and kept in
 ``$RAGDEC_HOME/costs/``.
 
 Every draft length is timed: the curve is no straight line. torch's int4 kernel works
-through a forward's positions four at a time, so on qwen2.5-coder-0.5b in int4 a forward
-of 1 to 4 tokens costs 28-45 ms, 5 to 8 tokens about 68 ms, 9 to 12 about 97 ms: a
-staircase. Interpolating between a few timed lengths priced 4 tokens at 51 ms and 8 at
-86 ms, and steered drafts away from the lengths that pay most.
+through a forward's positions four at a time, so on qwen2.5-coder-0.5b in int4 (2 cores)
+a forward of 1 token costs 27 ms, 4 tokens 39 ms, 5 to 8 tokens about 65 ms and 9 to 12
+about 92 ms: a staircase. Interpolating between a few timed lengths priced 4 tokens at
+51 ms and 8 at 86 ms, and steered drafts away from the lengths that pay most.
 """
 
 from __future__ import annotations
