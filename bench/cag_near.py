@@ -124,7 +124,7 @@ def run_cag_near_bench(
                     break
                 row[method] = answer
             if row["outcome"] == "near":  # what llma was given to copy, for the oracle's bound
-                lookup = cache.lookup(record["b"], model=reader.engine.name, store_version=reader.store_version)
+                lookup = cache.lookup(record["b"], model=reader.engine.name, store_version=reader.store_version, count_hit=False)
                 row["references"] = list(lookup.references)
                 row.update(_bounds(generator, cost, row, record["b"]))
             rows.append(row)
