@@ -24,8 +24,9 @@ from postgres_server import PASSWORD, PASSWORD_USER
 from test_cache_store import IDENTITY, put, vectors_for
 
 from ragdec.app.cli import main
-from ragdec.cache.backends import cache_location, mask_url
-from ragdec.cache.store import CacheFileError, CacheUnreachableError, QAStore
+from ragdec.cache.backends import cache_location
+from ragdec.cache.errors import CacheFileError, CacheUnreachableError, mask_url
+from ragdec.cache.store import QAStore
 
 SMOLLM = "smollm2-135m-instruct"
 

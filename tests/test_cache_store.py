@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from ragdec.cache.backends import SQLiteBackend
-from ragdec.cache.store import HUMAN, CacheFileError, EmbedderIdentity, NewEntry, QAStore
+from ragdec.cache.errors import CacheFileError
+from ragdec.cache.store import HUMAN, EmbedderIdentity, NewEntry, QAStore
 
 DIM = 16
 IDENTITY = EmbedderIdentity("hash-vectors", "test:1", DIM)

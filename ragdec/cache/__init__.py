@@ -6,6 +6,7 @@ One module per idea:
 - ``guard``: the checks that keep near-duplicates that differ in meaning from being served.
 - ``store``: entries in a database (one transaction per write) mirrored in FAISS (``mirror``).
 - ``backends``: what differs between SQLite (a file) and PostgreSQL (``postgres``, shared).
+- ``errors``: the errors the user fixes, and URLs with their password masked.
 - ``lookup``: ``QACache.lookup`` -> ``Lookup`` (exact | semantic | near | miss) under a ``Policy``.
 - ``calibration``: thresholds from labelled pairs and FAQ paraphrases; the plot.
 - ``faq``: importing FAQ files and answering from them, generating with near-hit references.
@@ -29,8 +30,8 @@ _EXPORTS = {
     "QAStore": "store",
     "NewEntry": "store",
     "Entry": "store",
-    "CacheFileError": "store",
-    "CacheUnreachableError": "store",
+    "CacheFileError": "errors",
+    "CacheUnreachableError": "errors",
     "FaqService": "faq",
     "import_faq": "faq",
     "paraphrase_guard": "guard",

@@ -19,22 +19,12 @@ import re
 import sqlite3
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
+
+from .errors import CacheFileError, mask_url, missing_cache
 
 DATABASE_SCHEMES = ("postgresql://", "postgres://")  # libpq's two spellings
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-BUSY_TIMEOUT_S = 30.0  # writers queue behind each other; a hit's counter update is ~1 ms
-
-
-class CacheFileError(ValueError):
-    """The file or database cannot be used as a QA cache: damaged, foreign, or made by
-    another embedder."""
-
-
-class CacheUnreachableError(ValueError):
-    """The cache's database cannot be reached (no driver, refused, wrong password, no such
-    database, connection lost); the message names the URL, password masked, and what to
-    check. A ValueError, as the commands' other errors that the user fixes."""
+BUSY_TIMEOUT_S = 30.0  # writers queue behind each other; every write transaction is short
 
 
 class Backend(Protocol):
@@ -94,27 +84,6 @@ def open_backend(location: str | Path) -> Backend:
     from .postgres import PostgresBackend
 
     return PostgresBackend(location)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password, in the user part or the query, shown as ``***``.
-
-    Example: ``mask_url("postgresql://app:s3cret@db:5432/cache?password=x&sslmode=require")``
-    -> ``"postgresql://app:***@db:5432/cache?password=***&sslmode=require"``.
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, host = netloc.rsplit("@", 1)
-        if ":" in user:
-            user = user.split(":", 1)[0] + ":***"
-        netloc = f"{user}@{host}"
-    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def missing_cache(location: str) -> FileNotFoundError:
-    return FileNotFoundError(f"no QA cache at {location}: create it with `ragdec faq import FILE --db {location}` or by caching answers")
 
 
 class SQLiteBackend:

@@ -28,7 +28,7 @@ import hashlib
 from functools import lru_cache
 from urllib.parse import unquote, urlsplit
 
-from .backends import CacheUnreachableError, mask_url
+from .errors import CacheUnreachableError, mask_url
 
 CONNECT_TIMEOUT_S = 10  # libpq waits for ever by default; the URL's connect_timeout wins
 # the writers' lock: one 64-bit key, the same in every process

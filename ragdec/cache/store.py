@@ -35,7 +35,8 @@ from functools import wraps
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .backends import BUSY_TIMEOUT_S, Backend, CacheFileError, CacheUnreachableError, missing_cache, open_backend  # noqa: F401 (re-exported)
+from .backends import Backend, open_backend
+from .errors import CacheFileError, missing_cache
 from .mirror import IndexMirror
 from .normalize import answer_hash, question_hash
 from .records import HUMAN, CacheStats, EmbedderIdentity, Entry, NewEntry  # noqa: F401 (HUMAN, Entry: re-exported)
