@@ -210,7 +210,7 @@ def test_calibration_trains_and_saves_only_the_adapter(tiny_generator, tmp_path,
 
     from safetensors.torch import load_file
 
-    from ragdec.decoding.free_calibrate import CalibrationConfig, calibrate
+    from ragdec.training.free_calibrate import CalibrationConfig, calibrate
     from conftest import TRAINING_TEXT
 
     monkeypatch.setenv("RAGDEC_HOME", str(tmp_path / "home"))
@@ -247,7 +247,7 @@ def test_answers_teacher_follows_greedy(tiny_generator):
     """The answers teacher's positions are the model's greedy answers: at each, the deep
     argmax is the next answer token, up to and including EOS and nothing after it; held-out
     prompts are every n-th; one run serves several exit layers."""
-    from ragdec.decoding.free_calibrate import CalibrationConfig, answers_teacher
+    from ragdec.training.free_calibrate import CalibrationConfig, answers_teacher
 
     prompts = random_prompts(len(tiny_generator.tokenizer), 6, seed=5)
     config = CalibrationConfig(exit_layers=(0, 1), answer_tokens=10, batch_prompts=1, heldout_every=3, top_k=4, teacher_dtype=None)
@@ -270,7 +270,7 @@ def test_answers_teacher_follows_greedy(tiny_generator):
 def test_calibration_text_windows(tmp_path):
     import json
 
-    from ragdec.decoding.free_calibrate import read_texts, sequences
+    from ragdec.training.free_calibrate import read_texts, sequences
 
     data = tmp_path / "cnndm.jsonl"
     data.write_text(json.dumps({"prompt": "Summarize", "docs": ["first passage", "second passage"]}) + "\n", encoding="utf-8")

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ragdec.decoding import free_train
-from ragdec.decoding.free_train import FREE_META, TrainConfig, add_lora, merge_lora, train, trained_exit_layer
+from ragdec.decoding.free import FREE_META, trained_exit_layer
 from ragdec.decoding.generator import Generator
 from ragdec.decoding.methods import GenerationParams
+from ragdec.training import free_train
+from ragdec.training.free_train import TrainConfig, add_lora, merge_lora, train
 
 from conftest import tiny_causal_lm
 from helpers import random_prompts
@@ -178,3 +179,23 @@ def test_free_train_command_on_smollm2(weights, tmp_path, capsys):
     lossless = trained.generate(prompt, GenerationParams(max_new_tokens=12, method="free-lossless"))
     assert lossless.token_ids == greedy.token_ids
     assert main(["generate", "--model", str(out), "--method", "free", "--max-new-tokens", "4", "--prompt", "Hello"]) == 0
+
+
+def test_decoding_never_imports_training():
+    """The layering: training (above) imports decoding, never the other way round; the
+    decoder reads a trained folder's FREE_META itself. Imports inside functions count too."""
+    import ast
+
+    root = Path(__file__).parent.parent / "ragdec" / "decoding"
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any("training" in name or name.lstrip(".").startswith(("free_train", "free_calibrate")) for name in names):
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []

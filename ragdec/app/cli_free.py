@@ -5,7 +5,7 @@
     ragdec free train --model smollm2-135m-instruct --exit-layer 10 --steps 400 --out models/smollm2-free10
 
 ``calibrate`` trains an adapter on the frozen model; ``train`` fine-tunes the model itself
-with FREE's shallow-deep objective (``ragdec.decoding.free_train``) and writes a model
+with FREE's shallow-deep objective (``ragdec.training.free_train``) and writes a model
 folder that every command loads by path (FREE takes its exit layer from it).
 
 By default the adapter learns from the model's own greedy answers to benchmark-style
@@ -80,8 +80,8 @@ def calibration_prompts(
 
 
 def cmd_free_calibrate(args) -> int:
-    from ragdec.decoding.free_calibrate import CalibrationConfig, calibrate
     from ragdec.decoding.generator import Generator
+    from ragdec.training.free_calibrate import CalibrationConfig, calibrate
 
     generator = Generator.load(args.model)
     config = CalibrationConfig(
@@ -113,8 +113,8 @@ def cmd_free_calibrate(args) -> int:
 
 
 def cmd_free_train(args) -> int:
-    from ragdec.decoding.free_train import TrainConfig, train
     from ragdec.decoding.generator import Generator
+    from ragdec.training.free_train import TrainConfig, train
 
     config = TrainConfig(
         exit_layer=args.exit_layer, steps=args.steps, lora_rank=args.lora_rank, lr=args.lr,
@@ -168,7 +168,7 @@ def _add_prompt_arguments(parser, prompts: int, max_prompt_tokens: int, answer_t
 
 def register(subparsers) -> None:
     """Add ``free`` (``calibrate``) to an argparse subparsers object."""
-    from ragdec.decoding.free_calibrate import CalibrationConfig
+    from ragdec.training.free_calibrate import CalibrationConfig
 
     free = subparsers.add_parser("free", help="FREE early exit: calibrate the exit head, or train a model for it")
     actions = free.add_subparsers(dest="action", required=True)
@@ -199,7 +199,7 @@ def register(subparsers) -> None:
     calibrate.add_argument("--json", metavar="PATH", help="write the agreement report as JSON")
     calibrate.set_defaults(func=cmd_free_calibrate)
 
-    from ragdec.decoding.free_train import TrainConfig
+    from ragdec.training.free_train import TrainConfig
 
     train = actions.add_parser(
         "train", help="fine-tune a model with FREE's shallow-deep objective on its own answers; write a model folder",

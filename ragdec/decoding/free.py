@@ -52,6 +52,7 @@ what the layers already know.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,21 @@ def adapter_path(model_name: str, exit_layer: int) -> Path:
     from ragdec.models.home import ragdec_home
 
     return ragdec_home() / "free" / safe_model_name(model_name) / f"layer{exit_layer}.safetensors"
+
+
+FREE_META = "ragdec_free.json"  # in a model folder trained for FREE (``ragdec free train``): its exit layer, curve
+
+
+def trained_exit_layer(name_or_path: str) -> int | None:
+    """The exit layer a model folder was trained for (its ``FREE_META``), or None: not a
+    folder trained for FREE, or a file that cannot be read."""
+    path = Path(str(name_or_path)).expanduser() / FREE_META
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["exit_layer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_adapter(path: Path, hidden_size: int, dtype=None):
@@ -371,8 +387,6 @@ def build_free(generator, prompt_ids: Sequence[int], config: FreeConfig, lossles
     depth = len(model.model.layers) if hasattr(model, "model") and hasattr(model.model, "layers") else 0
     exit_layer = config.exit_layer
     if exit_layer is None:  # a model trained for FREE exits where it was trained to
-        from .free_train import trained_exit_layer
-
         exit_layer = trained_exit_layer(generator.name) or default_exit_layer(depth)
     state = generator.method_state.setdefault("free", FreeState())
     key = (exit_layer, config.adapter)

@@ -32,7 +32,6 @@ folder by path, and FREE takes its exit layer from that file.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -41,9 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ragdec.decoding.free import FREE_META
 from ragdec.files import atomic_path, durable_rename, write_json
-
-FREE_META = "ragdec_free.json"  # in a trained model folder: what FREE reads (exit layer, curve)
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ def teacher_answers(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_
     top-k distribution at each answer position: [{prompt, answer, top_ids, top_probs}]."""
     import torch
 
-    from .free_calibrate import batched_greedy
+    from .teacher import batched_greedy
 
     records: list[dict | None] = [None] * len(prompts)
     for batch, out, answer, running in batched_greedy(
@@ -182,7 +180,7 @@ def answer_forward(model, record: dict, exit_layers: Sequence[int]):
     ``answer[j]``."""
     import torch
 
-    from .kv import new_cache
+    from ragdec.decoding.kv import new_cache
 
     prompt, answer = record["prompt"], record["answer"]
     cache = new_cache(model)
@@ -405,14 +403,3 @@ def save_model_folder(model, tokenizer, out: Path, meta: dict) -> None:
             durable_rename(path, out / path.name)
     shutil.rmtree(partial, ignore_errors=True)
     write_json(meta, out / FREE_META)
-
-
-def trained_exit_layer(name_or_path: str) -> int | None:
-    """The exit layer a model folder was trained for (``ragdec free train``), or None."""
-    path = Path(str(name_or_path)).expanduser() / FREE_META
-    if not path.is_file():
-        return None
-    try:
-        return int(json.loads(path.read_text(encoding="utf-8"))["exit_layer"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ragdec.decoding.free import adapter_path, exit_adapter
 from ragdec.files import atomic_path, iter_jsonl
 
-from .free import adapter_path, exit_adapter
+from .teacher import batched_greedy
 
 REPORT_CONFIDENCES = (0.5, 0.7, 0.9)
 
@@ -202,32 +203,6 @@ def text_teacher(model, tokenizer, texts: Sequence[str], config: CalibrationConf
 # ---- answers mode ---------------------------------------------------------------------
 
 
-def batched_greedy(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_token_id: int, batch_prompts: int,
-                   max_new_tokens: int, progress: bool, desc: str, **outputs):
-    """The model's greedy answers to ``prompts``, batched by length (left-padded): yields,
-    per batch, (prompt indices, ``generate``'s output, answers [B, S], running [B, S]),
-    where ``running`` marks the steps up to and including the one that yields EOS.
-    ``outputs``: what ``generate`` returns besides the tokens (output_logits=True, ...)."""
-    import torch
-    from tqdm import tqdm
-
-    eos = torch.tensor(sorted(eos_token_ids) or [-1])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[i : i + batch_prompts] for i in range(0, len(order), batch_prompts)]
-    for batch in tqdm(batches, desc=desc, disable=not progress):
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.tensor([[pad_token_id] * (width - len(prompts[i])) + list(prompts[i]) for i in batch])
-        attention = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad_token_id, return_dict_in_generate=True, **outputs,
-            )
-        answer = out.sequences[:, width:]  # [B, S]
-        is_eos = torch.isin(answer, eos).int()
-        yield batch, out, answer, is_eos.cumsum(1) - is_eos == 0  # running: no EOS strictly before step s
-
-
 def answers_teacher(model, prompts: Sequence[Sequence[int]], eos_token_ids, pad_token_id: int,
                     config: CalibrationConfig, progress: bool) -> tuple[Teacher, Teacher]:
     """(train, held-out) teachers from the model's greedy answers to ``prompts``.
@@ -325,7 +300,7 @@ def train_adapter(model, teacher: Teacher, layer: int, config: CalibrationConfig
 
 def teacher_model(model, dtype_name: str | None):
     """The model the teacher runs: a copy in ``dtype_name`` when that differs, else itself."""
-    from .generator import torch_dtype
+    from ragdec.decoding.generator import torch_dtype
 
     dtype = torch_dtype(dtype_name) if dtype_name else None
     if dtype is None or dtype == next(model.parameters()).dtype:
