@@ -112,7 +112,6 @@ def import_faq(cache: QACache, path: str | Path, with_paraphrases: bool = True, 
 class ParaphraseScores:
     """How paraphrase queries meet the curated entries: what FAQ calibration sweeps."""
 
-    record_ids: tuple[str, ...]  # [n] the record each query paraphrases
     top: object  # float [n]: cosine of the best curated entry
     margin: object  # float [n]: over the best entry with another answer
     guard_pass: object  # bool [n]: the specifics guard on the best entry
@@ -153,7 +152,7 @@ def score_paraphrases(cache: QACache, records: Sequence[FaqRecord], vectors=None
     top, margin, guard_pass, best = score_questions(cache, [q for _, q in queries], vectors)
     suffixes = [f"{source}#{record_id}" if source else f"#{record_id}" for record_id, _ in queries]
     right = np.array([entry is not None and entry.source.endswith(suffix) for entry, suffix in zip(best, suffixes)])
-    return ParaphraseScores(tuple(r for r, _ in queries), top, margin, guard_pass, right)
+    return ParaphraseScores(top, margin, guard_pass, right)
 
 
 def faq_messages(question: str, references: Sequence[str]) -> list[dict]:

@@ -39,7 +39,6 @@ STOPWORDS = frozenset(
     get gets got getting thing things please
     """.split()
 )
-NEGATIONS = frozenset({"not", "no", "never", "nothing", "none", "nobody", "nowhere", "neither", "nor", "without"})
 
 # numbers "1,000" "3.5"; words with their apostrophes and trailing + or # ("C++", "F#",
 # "don't"); symbols that are content in programming questions ("~", "%", "=")
