@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .chunking import chunk_text
-from .readers import ReadOptions, SkippedFile, check_file, discover, read_documents
+from .chunking import Chunk, chunk_text
+from .readers import Document, ReadOptions, SkippedFile, check_file, discover, read_documents
 from .retriever import Retriever
 from .store import Passage, SourceFile, content_hash
 
@@ -72,11 +72,39 @@ class IngestReport:
 
 @dataclass
 class _Pending:
-    """Chunks read but not yet embedded, and the files waiting on them."""
+    """Chunks read but not yet embedded, the ids they take, and the files waiting on them."""
 
+    next_id: int  # the id the next new passage takes
     passages: list[Passage] = field(default_factory=list)
-    links: list[tuple[str, int]] = field(default_factory=list)
+    links: list[tuple[str, int]] = field(default_factory=list)  # (file path, passage id)
     files: list[SourceFile] = field(default_factory=list)
+    ids_by_hash: dict[str, int] = field(default_factory=dict)  # content hash -> id, this run's new passages
+
+
+@dataclass
+class _Tally:
+    """What a run counts as it goes, for its report."""
+
+    warn: Callable[[str], None]  # one line per skipped file or part of a file
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    unchanged: int = 0  # files with the SHA-256 recorded at their last ingestion
+    duplicates: int = 0  # chunks stored already, linked instead of embedded
+    passages_removed: int = 0  # of changed or vanished files
+    files_removed: int = 0  # vanished files forgotten
+
+    def skip(self, path, reason) -> None:
+        self.skipped.append((str(path), str(reason)))
+        self.warn(f"skipped {path}: {reason}")
+
+
+@dataclass(frozen=True)
+class _ReadFile:
+    """A new or changed file, read and cut into chunks."""
+
+    source: SourceFile  # its record (size, mtime, SHA-256, chunk count), kept once its passages are in
+    chunks: list[tuple[Document, Chunk]]  # each chunk with the document it was cut from
+    hashes: list[str]  # content_hash of each chunk's text
+    notes: list[str]  # what went wrong in parts of the file (a bad JSONL line, ...)
 
 
 def _warn(message: str) -> None:
@@ -124,114 +152,147 @@ def ingest(
 
 
 def _ingest(retriever, paths, read_options, progress, prune, warn) -> IngestReport:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     paths = [Path(p).expanduser() for p in paths]
+    tally = _Tally(warn)
+    # 1: discover
     files, left_out = discover(paths)
-    skipped: list[tuple[str, str]] = []
-
-    def skip(path, reason) -> None:
-        skipped.append((str(path), str(reason)))
-        warn(f"skipped {path}: {reason}")
-
     for path, reason in left_out:
-        skip(path, reason)
-    store = retriever.documents
-    removed_passages = files_removed = 0
+        tally.skip(path, reason)
     if prune:
-        roots = [p.resolve() for p in paths if p.is_dir()]
-        for source in store.sources():
-            under = any(Path(source.path).is_relative_to(root) for root in roots)
-            if under and not Path(source.path).exists():
-                removed_passages += retriever.remove_source(source.path)
-                files_removed += 1
-
+        _prune(retriever, paths, tally)
     # 2-4: compare, read, chunk, de-duplicate
-    pending = _Pending()
-    unchanged = 0
+    pending = _read_files(retriever, files, read_options, progress, tally)
+    # 5: embed and add
+    embed_started = time.perf_counter()
+    _embed_and_add(retriever, pending.passages, progress)
+    embed_seconds = time.perf_counter() - embed_started
+    # 6: links and file records, once every passage they point to is in
+    retriever.documents.add([], pending.links)
+    for source in pending.files:
+        retriever.documents.record_source(source)
+    return IngestReport(
+        files_indexed=len(pending.files),
+        files_unchanged=tally.unchanged,
+        files_skipped=tuple(tally.skipped),
+        files_removed=tally.files_removed,
+        passages_added=len(pending.passages),
+        passages_removed=tally.passages_removed,
+        duplicates=tally.duplicates,
+        embed_seconds=embed_seconds,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _prune(retriever: Retriever, paths: list[Path], tally: _Tally) -> None:
+    """Forget the files recorded under the folders among ``paths`` that no longer exist."""
+    roots = [p.resolve() for p in paths if p.is_dir()]
+    for source in retriever.documents.sources():
+        under = any(Path(source.path).is_relative_to(root) for root in roots)
+        if under and not Path(source.path).exists():
+            tally.passages_removed += retriever.remove_source(source.path)
+            tally.files_removed += 1
+
+
+def _read_files(retriever: Retriever, files: list[Path], read_options: ReadOptions, progress: bool,
+                tally: _Tally) -> _Pending:
+    """Steps 2-4 over every file: the chunks to embed, and the links of those stored already."""
+    from tqdm import tqdm
+
+    store = retriever.documents
     chunk_tokens = _chunk_budget(retriever)
     overlap = min(retriever.settings.overlap_tokens, chunk_tokens // 2)
-    tokenizer = retriever.embedder.tokenizer
-    next_id = store.next_id()
-    hashes_this_run: dict[str, int] = {}
-    duplicates = 0
+    pending = _Pending(next_id=store.next_id())
     for path in tqdm(files, desc="reading", unit="file", disable=not progress or len(files) < 2, leave=False):
         known = store.source(str(path))
         try:
-            stat = check_file(path, read_options)
-            digest = file_sha256(path)
-            if known is not None and known.sha256 == digest:
-                unchanged += 1
-                continue
-            documents, notes = read_documents(path, read_options)
-            chunks = [
-                (document, chunk)
-                for document in documents
-                for chunk in chunk_text(document.text, tokenizer, chunk_tokens, overlap)
-            ]
-            chunk_hashes = [content_hash(chunk.text) for _, chunk in chunks]
+            read = _read_if_changed(path, known, read_options, retriever.embedder.tokenizer, chunk_tokens, overlap)
         except SkippedFile as reason:
-            skip(path, reason)
+            tally.skip(path, reason)
             continue
         except OSError as error:  # gone or locked between the listing and the read
-            skip(path, f"cannot read ({error.strerror or error})")
+            tally.skip(path, f"cannot read ({error.strerror or error})")
             continue
         except Exception as error:  # whatever one file's content does, the run goes on without it
-            skip(path, f"cannot be read ({type(error).__name__}: {str(error)[:200]})")
+            tally.skip(path, f"cannot be read ({type(error).__name__}: {str(error)[:200]})")
             continue
-        for note in notes:
-            warn(f"{path}: {note}")
+        if read is None:
+            tally.unchanged += 1
+            continue
+        for note in read.notes:
+            tally.warn(f"{path}: {note}")
         if known is not None:  # changed: drop what it no longer holds, keep what it still does
-            removed_passages += retriever.remove_source(str(path), frozenset(chunk_hashes))
-        stored = store.ids_by_hash(chunk_hashes)
-        stored_links: dict[int, None] = {}  # linked now, so a later changed file cannot orphan them
-        for (document, chunk), digest_text in zip(chunks, chunk_hashes):
-            passage_id = stored.get(digest_text) or hashes_this_run.get(digest_text)
-            if passage_id is None:
-                passage_id = next_id
-                next_id += 1
-                hashes_this_run[digest_text] = passage_id
-                pending.passages.append(Passage(
-                    passage_id, chunk.text, document.title, str(path), document.record, chunk.position, digest_text
-                ))
-                pending.links.append((str(path), passage_id))
-            else:
-                duplicates += 1
-                if digest_text in stored:
-                    stored_links[passage_id] = None
-                else:
-                    pending.links.append((str(path), passage_id))
-        store.add([], [(str(path), pid) for pid in stored_links])
-        pending.files.append(SourceFile(str(path), stat.st_size, stat.st_mtime_ns, digest, len(chunks)))
+            tally.passages_removed += retriever.remove_source(str(path), frozenset(read.hashes))
+        tally.duplicates += _queue_or_link(store, read, pending)
+    return pending
 
-    # 5: embed and add, one transaction per batch
-    embed_started = time.perf_counter()
-    bar = tqdm(total=len(pending.passages), desc="embedding", unit="passage", disable=not progress, smoothing=0.1)
+
+def _read_if_changed(path: Path, known: SourceFile | None, read_options: ReadOptions, tokenizer, chunk_tokens: int,
+                     overlap: int) -> _ReadFile | None:
+    """Steps 2-3 for one file: None if its SHA-256 is the one ``known`` recorded, else its chunks.
+
+    Raises:
+        SkippedFile, OSError, or whatever parsing the file raises: the caller skips the file.
+    """
+    stat = check_file(path, read_options)
+    digest = file_sha256(path)
+    if known is not None and known.sha256 == digest:
+        return None
+    documents, notes = read_documents(path, read_options)
+    chunks = [
+        (document, chunk)
+        for document in documents
+        for chunk in chunk_text(document.text, tokenizer, chunk_tokens, overlap)
+    ]
+    hashes = [content_hash(chunk.text) for _, chunk in chunks]
+    return _ReadFile(SourceFile(str(path), stat.st_size, stat.st_mtime_ns, digest, len(chunks)), chunks, hashes, notes)
+
+
+def _queue_or_link(store, read: _ReadFile, pending: _Pending) -> int:
+    """Step 4 for one file: a chunk new to the store and to this run is queued to be embedded
+    under a new id; one seen already is linked to the file. Returns how many were seen.
+
+    Example: chunks with hashes [h1, h2, h1], h2 stored as passage 7, next id 40: h1 is
+    queued as 40, 7 is linked now, the second h1 is linked to 40 once 40 is in; 2 seen.
+    """
+    path = read.source.path
+    stored = store.ids_by_hash(read.hashes)
+    stored_links: dict[int, None] = {}  # linked now, so a later changed file cannot orphan them
+    seen = 0
+    for (document, chunk), digest in zip(read.chunks, read.hashes):
+        passage_id = stored.get(digest) or pending.ids_by_hash.get(digest)
+        if passage_id is None:
+            passage_id = pending.next_id
+            pending.next_id += 1
+            pending.ids_by_hash[digest] = passage_id
+            pending.passages.append(Passage(
+                passage_id, chunk.text, document.title, path, document.record, chunk.position, digest
+            ))
+            pending.links.append((path, passage_id))
+        else:
+            seen += 1
+            if digest in stored:
+                stored_links[passage_id] = None
+            else:
+                pending.links.append((path, passage_id))
+    store.add([], [(path, pid) for pid in stored_links])
+    pending.files.append(read.source)
+    return seen
+
+
+def _embed_and_add(retriever: Retriever, passages: list[Passage], progress: bool) -> None:
+    """Step 5: embed and add, one transaction per batch of EMBED_BATCH."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(passages), desc="embedding", unit="passage", disable=not progress, smoothing=0.1)
     try:
-        for start in range(0, len(pending.passages), EMBED_BATCH):
-            batch = pending.passages[start : start + EMBED_BATCH]
+        for start in range(0, len(passages), EMBED_BATCH):
+            batch = passages[start : start + EMBED_BATCH]
             vectors = retriever.embed_passages([p.title for p in batch], [p.text for p in batch])
             retriever.add_passages(batch, vectors)
             bar.update(len(batch))
     finally:
         bar.close()
-    embed_seconds = time.perf_counter() - embed_started
-    # 6: links and file records, once every passage they point to is in
-    store.add([], pending.links)
-    for source in pending.files:
-        store.record_source(source)
-    return IngestReport(
-        files_indexed=len(pending.files),
-        files_unchanged=unchanged,
-        files_skipped=tuple(skipped),
-        files_removed=files_removed,
-        passages_added=len(pending.passages),
-        passages_removed=removed_passages,
-        duplicates=duplicates,
-        embed_seconds=embed_seconds,
-        seconds=time.perf_counter() - started,
-    )
 
 
 def build(paths: Sequence[str | Path], store: str | Path, embedder=None, settings=None, rebuild: bool = False,
