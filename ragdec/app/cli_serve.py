@@ -15,8 +15,8 @@ import ipaddress
 import os
 import sys
 
-from .cli_common import add_pipeline_arguments, build_pipeline, generation_params, pipeline_model
-from .openai_api import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_KB, DEFAULT_MAX_CONNECTIONS
+from .cli_common import DEFAULT_DTYPE, add_pipeline_arguments, build_pipeline, generation_params, pipeline_model
+from .openai_api import DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_BODY_KB
 from .worker import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # every address: not a name a client can send as Host
@@ -45,14 +45,15 @@ def build_app(args):
         if isinstance(location, Path) and not location.is_file():
             raise FileNotFoundError(f"no FAQ cache at {location}: import one with `ragdec faq import FILE --db {location}`")
         model = pipeline_model(args)
-        service = FaqService(QACache.open(location, create=False), model=model, max_new_tokens=args.max_new_tokens, cache_generated=not args.no_cache)
+        service = FaqService(QACache.open(location, create=False), model=model, max_new_tokens=args.max_new_tokens,
+                             cache_generated=not args.no_cache, dtype=args.dtype or DEFAULT_DTYPE)
         service.generator  # load the model now, not on the first question
         return create_app(FaqPipeline(service), model, defaults=defaults, mode="faq", **_scheduling(args), **access_settings(args))
 
     # a remote engine: clients name the remote model, and --max-batch requests are in flight to it at once
     pipeline = build_pipeline(args)
-    return create_app(pipeline, pipeline_model(args), retriever=pipeline.retriever, defaults=defaults,
-                      context_length=pipeline.engine.context_length, **_scheduling(args), **access_settings(args))
+    return create_app(pipeline, pipeline_model(args), engine=pipeline.engine, retriever=pipeline.retriever, defaults=defaults,
+                      **_scheduling(args), **access_settings(args))
 
 
 def _scheduling(args) -> dict:
@@ -111,7 +112,7 @@ def cmd_serve(args) -> int:
     print(f"ragdec: serving {pipeline_model(args)}{through} at http://{args.host}:{args.port}/ (web chat; OpenAI API under /v1)",
           file=sys.stderr)
     config = server_config(app, args.host, args.port, header_timeout=args.header_timeout or None,
-                           max_connections=args.max_connections or None, log_level=args.log_level)
+                           max_connections=args.max_connections, log_level=args.log_level)
     uvicorn.Server(config).run()
     return 0
 
@@ -144,8 +145,9 @@ def register(subparsers) -> None:
     access.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
                         help=f"time for a request's headers to arrive; past it, 408 and the connection closes "
                         f"(default {DEFAULT_HEADER_TIMEOUT:g}; 0: no limit)")
-    access.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
-                        help=f"open connections at most; a request past it gets 503 (default {DEFAULT_MAX_CONNECTIONS}; 0: no bound)")
+    access.add_argument("--max-connections", type=int, metavar="N",
+                        help="open connections at most; one past it gets 503 with Retry-After (default: as many as the "
+                        "descriptor limit and a quarter of the free memory allow; 0: no bound)")
     access.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json (default: off)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(func=cmd_serve)

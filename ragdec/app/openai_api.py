@@ -51,8 +51,6 @@ DEFAULT_BODY_TIMEOUT = 30.0
 # a connection's start (or a next request's first byte) to the end of its headers; real
 # clients send their headers in one packet
 DEFAULT_HEADER_TIMEOUT = 10.0
-# the default queue (64) and batch (8) with room for /health probes and idle keep-alives
-DEFAULT_MAX_CONNECTIONS = 128
 
 
 class ApiError(Exception):

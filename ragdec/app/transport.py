@@ -1,24 +1,31 @@
 """How the server meets the network: who may talk to it (``Gate``: Host names, the API key,
-JSON posts), slow clients (``GuardedH11``: a deadline for a request's headers, and no
-reading on after a refusal), uvicorn's settings (``server_config``) and a server in a
-thread for tests and notebooks (``BackgroundServer``). The routes are in ``server.py``.
+JSON posts), slow clients and closing (``GuardedH11``: a deadline for a request's headers,
+no reading on after a refusal, a lingering close so that the client reads the refusal),
+how many connections it holds (``connection_bound``: sized from the descriptor limit and
+memory; past it, 503 with Retry-After), uvicorn's settings (``server_config``) and a server
+in a thread for tests and notebooks (``BackgroundServer``). The routes are in ``server.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import os
+import resource
 import time
 from http import HTTPStatus
 from typing import Sequence
 
 import h11
 import uvicorn
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE  # as uvicorn imports it
 from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .openai_api import DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS, ApiError
+from .openai_api import DEFAULT_HEADER_TIMEOUT, ApiError
 
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "[::1]"})
 CLOSE = {"Connection": "close"}  # on a refusal sent before the body was read: read no more of it
@@ -93,24 +100,68 @@ class Gate:
         return None
 
 
-# ---- slow clients ------------------------------------------------------------------------------
+# ---- closing: the client reads the last answer ------------------------------------------------
+
+# A socket closed with unread bytes in it sends a reset, and a reset can destroy the answer
+# in flight to the client: it reads "connection reset" instead of the 413. So a close first
+# sends FIN after the answer and reads on, discarding, until the client closes its side,
+# goes quiet, or one of these bounds is reached (web servers' "lingering close").
+LINGER_SECONDS = 5.0  # the longest a closing connection is drained (nginx's lingering_time is 30 s)
+LINGER_IDLE_SECONDS = 2.0  # nothing for this long: the client's bytes are all in (Apache's per-read wait)
+# a client that sends its whole body before it reads (http.client, requests, urllib) reads
+# the 413 of a body up to this size; a larger one is cut with a reset when the bound is reached
+LINGER_BYTES = 64 * 1024 * 1024
+
+
+class LingeringTransport:
+    """The socket's transport as uvicorn sees it, whose ``close()`` lingers
+    (``GuardedH11._linger``); everything else goes to the socket's own transport."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: "GuardedH11"):
+        self.socket_transport = transport
+        self.protocol = protocol
+
+    def close(self) -> None:
+        self.protocol._linger()
+
+    def is_closing(self) -> bool:
+        return self.protocol._lingering or self.socket_transport.is_closing()
+
+    def __getattr__(self, name):
+        return getattr(self.socket_transport, name)
+
+
+# ---- slow clients, and connections past the bound ------------------------------------------------
 
 
 class GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn 0.54 has
     none (its keep-alive timer runs only between requests and stops at the next byte), so
-    a client trickling its headers holds a connection for as long as it trickles. Also,
-    after an answer sent before the body was read (a refusal), the connection closes
-    rather than reading on a body nobody wants (uvicorn would read it to its end)."""
+    a client trickling its headers holds a connection for as long as it trickles. After an
+    answer sent before the body was read (a refusal), the connection closes rather than
+    reading on a body nobody wants (uvicorn would read it to its end); every close lingers
+    (``LINGER_SECONDS``), so the client reads that answer. A connection past
+    ``max_connections`` is answered 503 with Retry-After at once and closed."""
 
     header_timeout: float | None = None  # set per server by ``server_config``
+    max_connections: int | None = None  # likewise; None: no bound
+    lingering = 0  # the server's connections now lingering: on their way out, so not counted against the bound
 
     def connection_made(self, transport) -> None:
-        super().connection_made(transport)
+        self._lingering = False
+        self._linger_clocks: list[asyncio.TimerHandle] = []
+        self._lingered_bytes = 0
+        super().connection_made(LingeringTransport(transport, self))
         self._header_clock: asyncio.TimerHandle | None = None
         self._start_header_clock()
+        if self.max_connections is not None and len(self.connections) - self.lingering > self.max_connections:
+            self._answer_and_close(503, f"the server holds its most connections ({self.max_connections:,}): retry after "
+                                   f"{SHED_RETRY_AFTER} s", "server_overloaded", "server_error", {"Retry-After": str(SHED_RETRY_AFTER)})
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._drain(data)
+            return
         super().data_received(data)
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self._start_header_clock()  # a head has begun and is not complete
@@ -119,6 +170,10 @@ class GuardedH11(H11Protocol):
 
     def connection_lost(self, exc) -> None:
         self._stop_header_clock()
+        for clock in self._linger_clocks:
+            clock.cancel()
+        if self._lingering:
+            type(self).lingering -= 1
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -127,8 +182,45 @@ class GuardedH11(H11Protocol):
         if unread and not self.transport.is_closing():
             self.transport.close()  # read no more of a body nobody wants
 
+    def shutdown(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.socket_transport.close()  # the server is stopping: an idle connection goes at once
+            return
+        super().shutdown()
+
+    # -- the lingering close
+
+    def _linger(self) -> None:
+        """Send what is buffered and then FIN, and read on, discarding, until the client
+        closes (its EOF closes the socket), goes quiet, or the bounds are reached."""
+        sock = self.transport.socket_transport
+        if self._lingering:
+            return  # its clocks close it
+        if sock.is_closing() or not sock.can_write_eof():  # TLS cannot send FIN alone
+            sock.close()
+            return
+        self._lingering = True
+        type(self).lingering += 1  # per server: ``server_config`` makes a class for each
+        self._stop_header_clock()
+        self._unset_keepalive_if_required()
+        sock.write_eof()  # after the buffered answer
+        sock.resume_reading()  # uvicorn pauses reading while a body waits for the app
+        self._linger_clocks = [self.loop.call_later(LINGER_SECONDS, sock.abort),
+                               self.loop.call_later(LINGER_IDLE_SECONDS, sock.close)]
+
+    def _drain(self, data: bytes) -> None:
+        sock = self.transport.socket_transport
+        self._lingered_bytes += len(data)
+        if self._lingered_bytes > LINGER_BYTES:
+            sock.close()
+            return
+        self._linger_clocks[-1].cancel()  # the client is still sending: it has not gone quiet
+        self._linger_clocks[-1] = self.loop.call_later(LINGER_IDLE_SECONDS, sock.close)
+
+    # -- the header deadline
+
     def _start_header_clock(self) -> None:
-        if self.header_timeout is not None and self._header_clock is None:
+        if self.header_timeout is not None and self._header_clock is None and not self._lingering:
             self._header_clock = self.loop.call_later(self.header_timeout, self._headers_too_slow)
 
     def _stop_header_clock(self) -> None:
@@ -142,26 +234,100 @@ class GuardedH11(H11Protocol):
             self._answer_and_close(408, f"the request's headers did not arrive within {self.header_timeout:g} s",
                                    "header_timeout")
 
-    def _answer_and_close(self, status: int, message: str, code: str) -> None:
+    def _answer_and_close(self, status: int, message: str, code: str, type: str = "invalid_request_error",
+                          headers: dict[str, str] | None = None) -> None:
         """An OpenAI-style error written straight to the socket (no request has begun to
         answer through), then the connection closed."""
-        body = json.dumps(ApiError(status, message, None, code).body).encode()
+        body = json.dumps(ApiError(status, message, None, code, type).body).encode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+                f"content-length: {len(body)}\r\n{extra}connection: close\r\n\r\n")
         self.transport.write(head.encode() + body)
         self.transport.close()
 
 
+# ---- how many connections ------------------------------------------------------------------------
+
+SHED_RETRY_AFTER = 1  # seconds: connections come and go within that (a lingering close is bounded by LINGER_SECONDS)
+# descriptors kept for what the server opens besides connections (model and store files, a
+# cache's database, logs) and for the connections it sheds while they linger
+DESCRIPTOR_RESERVE = 256
+# what one open connection may hold in memory: its measured cost with a request in flight
+# (the process's objects and the kernel's socket, bench/results/connection_cost.json), plus
+# what uvicorn buffers of a body before it stops reading (HIGH_WATER_LIMIT) and of a head
+# before h11 refuses it
+MEASURED_CONNECTION_BYTES = 32 * 1024
+CONNECTION_BYTES = MEASURED_CONNECTION_BYTES + HIGH_WATER_LIMIT + DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+MEMORY_SHARE = 0.25  # of the memory available when the server starts (the model is loaded by then)
+
+
+def connection_bound(connection_bytes: int = CONNECTION_BYTES, memory_share: float = MEMORY_SHARE) -> int:
+    """How many connections this process can hold open: the fewer of what its descriptors
+    allow (the soft RLIMIT_NOFILE, less the descriptors open now and ``DESCRIPTOR_RESERVE``)
+    and what its memory allows (``memory_share`` of the memory available to it, in this
+    machine or its container's limit, over ``connection_bytes`` each).
+
+    Call ``raise_descriptor_limit`` first: the soft limit is often far below the hard one.
+    Example: 65,536 descriptors with 20 open, and 8 GiB available -> the memory's bound,
+    a quarter of 8 GiB over ``CONNECTION_BYTES``.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    by_descriptors = (soft if soft != resource.RLIM_INFINITY else 1 << 20) - _open_descriptors() - DESCRIPTOR_RESERVE
+    by_memory = int(available_memory() * memory_share) // connection_bytes
+    return max(1, min(by_descriptors, by_memory))
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's soft limit on open descriptors to its hard limit (no privilege
+    needed: nginx's worker_rlimit_nofile does the same); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses RLIM_INFINITY: keep the soft one
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def available_memory() -> int:
+    """Bytes this process could still take: Linux's MemAvailable, within the cgroup's
+    memory.max when a container sets one; elsewhere the machine's free pages."""
+    free = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as meminfo:
+            free = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    if free is None:
+        names = ("SC_AVPHYS_PAGES", "SC_PAGE_SIZE") if hasattr(os, "sysconf_names") and "SC_AVPHYS_PAGES" in os.sysconf_names \
+            else ("SC_PHYS_PAGES", "SC_PAGE_SIZE")
+        free = os.sysconf(names[0]) * os.sysconf(names[1])
+    with contextlib.suppress(OSError, ValueError):
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    return max(free, 0)
+
+
+def _open_descriptors() -> int:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(folder))
+    return DESCRIPTOR_RESERVE  # no way to count them: assume as many again as the reserve
+
+
 def server_config(app, host: str = "127.0.0.1", port: int = 8000, *, header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
-                  max_connections: int | None = DEFAULT_MAX_CONNECTIONS, **options) -> uvicorn.Config:
-    """uvicorn's settings for ``app``: h11 with the header deadline (``GuardedH11``), at
-    most ``max_connections`` connections served (uvicorn's ``limit_concurrency``: a request
-    on one more gets 503, text/plain), uvicorn's keep-alive timeout between requests (5 s)
-    and h11's bound on a request head (16 KiB, past it 400); ``options`` go to uvicorn."""
-    protocol = type("GuardedH11Protocol", (GuardedH11,), {"header_timeout": header_timeout})
-    # uvicorn refuses a request when the open connections, its own included, reach the limit
-    limit = max_connections + 1 if max_connections is not None else None
-    return uvicorn.Config(app, host=host, port=port, http=protocol, limit_concurrency=limit, **options)
+                  max_connections: int | None = None, **options) -> uvicorn.Config:
+    """uvicorn's settings for ``app``: h11 with the header deadline, lingering close and
+    connection bound (``GuardedH11``); at most ``max_connections`` connections held (None:
+    ``connection_bound()``, after raising the descriptor limit; 0: no bound), one more is
+    answered 503 with Retry-After; uvicorn's keep-alive timeout between requests (5 s) and
+    h11's bound on a request head (16 KiB, past it 400); ``options`` go to uvicorn.
+
+    Routes are not bounded apart: the expensive ones are bounded by the worker's queue
+    (429), so a burst of cheap ones (/health, /v1/models) is answered up to the bound."""
+    if max_connections is None:
+        raise_descriptor_limit()
+        max_connections = connection_bound()
+    bound = {"header_timeout": header_timeout, "max_connections": max_connections or None}
+    protocol = type("GuardedH11Protocol", (GuardedH11,), bound)
+    return uvicorn.Config(app, host=host, port=port, http=protocol, **options)
 
 
 class BackgroundServer:
@@ -175,7 +341,7 @@ class BackgroundServer:
     """
 
     def __init__(self, app, host: str = "127.0.0.1", log_level: str = "warning", *,
-                 header_timeout: float | None = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = DEFAULT_MAX_CONNECTIONS):
+                 header_timeout: float | None = DEFAULT_HEADER_TIMEOUT, max_connections: int | None = None):
         self.app = app
         self.host = host
         self.log_level = log_level
