@@ -245,6 +245,25 @@ def free() -> str:
     return _table(header, rows)
 
 
+def free_calibration() -> str:
+    """Held-out top-1 agreement of FREE's calibrated exit head with the deep model."""
+    rows = []
+    for model in ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"):
+        name = f"free_calibration_{model}.json"
+        layers = sorted(load(name), key=lambda run: run["exit_layer"])
+        rows.append(
+            [
+                MODEL_SIZE[model],
+                ", ".join(
+                    f"{run['exit_layer']}: {_share(run['agreement_before'])} -> {_share(run['agreement_after'])}"
+                    for run in layers
+                ),
+                _file(name),
+            ]
+        )
+    return _table(["model", "exit layer: agreement before -> after calibration", "bench/results/"], rows)
+
+
 def qa() -> str:
     """Whole requests through the RAG pipeline: SQuAD questions over all their paragraphs."""
     rows = []
@@ -358,6 +377,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "bild": bild,
     "bild_bf16": bild_bf16,
     "free": free,
+    "free_calibration": free_calibration,
     "qa": qa,
     "server_load": server_load,
     "cag_near": cag_near,
