@@ -64,8 +64,9 @@ class PostgresServer:
         self.run_as = run_as  # the OS user the server runs as; None: this one
 
     @classmethod
-    def start(cls) -> "PostgresServer":
-        binaries = find_binaries()
+    def start(cls, binaries: Path | None = None) -> "PostgresServer":
+        """A server from the ``binaries`` folder (initdb, pg_ctl; default: ``find_binaries``)."""
+        binaries = binaries or find_binaries()
         run_as = "nobody" if os.geteuid() == 0 else None
         folder = Path(tempfile.mkdtemp(prefix="ragdec-pg-"))  # short: a socket path has 107 bytes at most
         if run_as:

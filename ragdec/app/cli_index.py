@@ -2,6 +2,7 @@
 
     ragdec index build docs/ notes.md --store docs.store
     ragdec index build docs/ --store docs.store --qdrant http://qdrant:6333    # vectors in Qdrant
+    ragdec index build docs/ --store docs.store --pgvector postgresql://app@db/rag   # or PostgreSQL
     ragdec index search --store docs.store "how do I rotate the keys?" -k 5 --mode hybrid
 
 ``register(subparsers)`` adds the command to the main parser (``ragdec.app.cli``).
@@ -42,16 +43,24 @@ def cmd_index_build(args) -> int:
     store = Path(args.store).expanduser()
     if store.exists() and not store.is_dir():
         raise ValueError(f"--store {store} is a file; give a folder (it is created if missing)")
-    qdrant = None
+    target = None  # where the passages go: a QdrantTarget, a PgvectorTarget, or None (FAISS)
     if args.qdrant:
         from ragdec.retrieval.qdrant_store import MEMORY, QdrantTarget
 
-        qdrant = QdrantTarget.for_store(args.qdrant, store, args.collection)
-        if qdrant.url == MEMORY:
+        target = QdrantTarget.for_store(args.qdrant, store, args.collection)
+        if target.url == MEMORY:
             print(f"note: --qdrant {MEMORY} keeps the collection in this process only: it is gone when this "
                   "command ends (use it from Python, for tests; give a server URL to keep a store)", file=sys.stderr)
     elif args.collection:
         raise ValueError("--collection names a Qdrant collection: give --qdrant URL with it")
+    if args.pgvector:
+        from ragdec.retrieval.pgvector_store import PgvectorTarget
+
+        if target is not None:
+            raise ValueError("--qdrant and --pgvector each name where the passages go: give one")
+        target = PgvectorTarget.for_store(args.pgvector, store, args.table)
+    elif args.table:
+        raise ValueError("--table names a PostgreSQL table: give --pgvector URL with it")
     manifest = read_manifest(store) if store.is_dir() else None
     settings = _settings(args, manifest.settings if manifest else None)
     options = ReadOptions(**given(
@@ -60,7 +69,7 @@ def cmd_index_build(args) -> int:
     ))
     report = build(
         args.paths, store, embedder=args.model, settings=settings, rebuild=args.rebuild,
-        read_options=options, progress=not args.quiet, prune=args.prune, qdrant=qdrant,
+        read_options=options, progress=not args.quiet, prune=args.prune, qdrant=target,
     )
     print(report.summary(), file=sys.stderr)
     final = read_manifest(store)
@@ -100,7 +109,7 @@ def cmd_index_search(args) -> int:
 
 def register(subparsers) -> None:
     """Add ``index`` (``build``, ``search``) to an argparse subparsers object."""
-    index = subparsers.add_parser("index", help="build and search a document index (E5 + FAISS or Qdrant + SQLite)")
+    index = subparsers.add_parser("index", help="build and search a document index (E5 + FAISS, Qdrant or pgvector + SQLite)")
     actions = index.add_subparsers(dest="action", required=True)
 
     build = actions.add_parser(
@@ -115,6 +124,11 @@ def register(subparsers) -> None:
                        "share: http(s)://HOST:6333, or :memory: (this process only: tests); for a new store or with "
                        "--rebuild [stored: FAISS in the folder]")
     build.add_argument("--collection", metavar="NAME", help="the Qdrant collection (an alias) [default: the store folder's name]")
+    build.add_argument("--pgvector", metavar="URL", help="keep vectors and passages in a PostgreSQL table with pgvector "
+                       "(HNSW, full-text search) that replicas share: postgresql://USER@HOST/DATABASE; the manifest "
+                       "keeps the URL without its password (other processes: $PGPASSWORD or ~/.pgpass); for a new "
+                       "store or with --rebuild [stored: FAISS in the folder]")
+    build.add_argument("--table", metavar="NAME", help="the PostgreSQL table [default: the store folder's name]")
     build.add_argument("--prune", action="store_true", help="forget files that vanished from the given folders")
     build.add_argument("--index-kind", choices=("auto", "flat", "ivf"),
                        help="flat (exact) or IVF (approximate); auto: IVF from 50,000 passages [stored: auto]")

@@ -1,13 +1,15 @@
 """The seam between a store and where its passages are searched.
 
-Two backends fill it:
+Three backends fill it:
 
 - ``faiss``  (``faiss_store``): a FAISS index and the SQLite documents in the store folder;
   one machine, or copies of the folder.
 - ``qdrant`` (``qdrant_store``): a Qdrant collection holding the vectors, the BM25 sparse
   vectors and the passages; every replica that can reach the server searches it.
+- ``pgvector`` (``pgvector_store``): a PostgreSQL table holding the passages, their vectors
+  under an HNSW index and a full-text index; the same database may hold the QA cache.
 
-``Retriever`` does the rest alike for both: embedding, fusing dense and BM25 rankings,
+``Retriever`` does the rest alike for all: embedding, fusing dense and BM25 rankings,
 the writer's lock, the documents file that records which files gave which passages, and
 the manifest that commits a generation. The manifest's ``backend`` record names the backend
 (``{"name": "qdrant", ...}``); ``backend_module`` finds the module that opens it.
@@ -24,7 +26,11 @@ from .store import DocumentStore, Passage
 
 Ranking = list[tuple[int, float]]  # (passage id, score), best first
 
-_MODULES = {"faiss": "ragdec.retrieval.faiss_store", "qdrant": "ragdec.retrieval.qdrant_store"}
+_MODULES = {"faiss": "ragdec.retrieval.faiss_store", "qdrant": "ragdec.retrieval.qdrant_store",
+            "pgvector": "ragdec.retrieval.pgvector_store"}
+# the command-line flags that name a place, by backend: (flag, record key) pairs
+_FLAGS = {"qdrant": (("--qdrant", "url"), ("--collection", "collection")),
+          "pgvector": (("--pgvector", "url"), ("--table", "table"))}
 
 
 class SearchBackend(Protocol):
@@ -41,7 +47,8 @@ class SearchBackend(Protocol):
         """The k passages of highest inner product with each unit vector (float32 [q, d])."""
 
     def keywords(self, questions: Sequence[str], k: int) -> list[Ranking]:
-        """The k passages of highest BM25 score for each question."""
+        """The k passages of highest keyword score for each question (BM25; pgvector:
+        PostgreSQL's ``ts_rank``)."""
 
     def passages(self, ids: Sequence[int]) -> dict[int, Passage]:
         """Passages by id; ids not stored are left out."""
@@ -101,3 +108,12 @@ def open_writer(folder: Path, manifest: Manifest | None, record: dict, dimension
 def location(record: dict) -> str:
     """Where a store's vectors are, in words: "FAISS index in the folder", "Qdrant collection 'docs' at http://..."."""
     return backend_module(record).location(record)
+
+
+def flags(record: dict) -> str:
+    """The ``index build`` flags that put a store where ``record`` says ("" for FAISS).
+
+    Example: ``flags({"name": "pgvector", "url": "postgresql://app@db/rag", "table": "docs"})``
+    -> ``"--pgvector postgresql://app@db/rag --table docs"``.
+    """
+    return " ".join(f"{flag} {record[key]}" for flag, key in _FLAGS.get(record.get("name"), ()))

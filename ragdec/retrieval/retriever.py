@@ -146,7 +146,7 @@ class Retriever:
         Args:
             settings: index kind and chunking; default: the stored ones (or the defaults).
             rebuild: start from an empty store; the current one stays readable until save.
-            qdrant: a ``qdrant_store.QdrantTarget``: keep the vectors and passages in its
+            qdrant: a ``QdrantTarget`` (or ``pgvector_store.PgvectorTarget``): keep the vectors and passages in its
                 collection (a new store, or with ``rebuild``); default: where the store is
                 (FAISS for a new one).
 
@@ -366,5 +366,5 @@ def _backend_record(folder: Path, manifest: Manifest | None, qdrant, rebuild: bo
         return stored  # the same place: keep what the store recorded there (BM25's avgdl)
     raise StoreError(
         f"store {folder} keeps its passages in the {backends.location(stored)}; to move them to the "
-        f"{qdrant}, {rebuild_hint(folder)} --qdrant {qdrant.url} --collection {qdrant.collection}"
+        f"{qdrant}, {rebuild_hint(folder)} {backends.flags(wanted)}"
     )
