@@ -47,11 +47,12 @@ postgres:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "make postgres: initdb and pg_ctl are missing; run: sudo apt-get install -y postgresql" >&2; exit 1; fi
 
-# llama.cpp, the baseline CPU users pick (`ragdec bench --methods llamacpp-greedy,...`): built
-# from source for this CPU's instruction sets with AMX off (bench/llamacpp_cmake_args.sh says
-# why); about 10 minutes on 2 cores, once (pip keeps the wheel)
+# llama.cpp, the baseline CPU users pick (`ragdec bench --methods llamacpp-greedy,...`), and its
+# server extra (tests/test_remote_llamacpp.py): built from source for this CPU's instruction sets
+# with AMX off (bench/llamacpp_cmake_args.sh says why); about 10 minutes on 2 cores, once (pip
+# keeps the wheel); a build already here only gets the server's packages
 llamacpp: $(STAMP)
-	@if $(VENV)/bin/python -c "import llama_cpp" 2>/dev/null; then :; else \
+	@if $(VENV)/bin/python -c "import llama_cpp.server.app" 2>/dev/null; then :; else \
 		CMAKE_ARGS="$$(bash bench/llamacpp_cmake_args.sh)" $(PIP) install --quiet -e ".[llamacpp]"; fi
 
 # every test: real weights, servers, the browser, PostgreSQL, llama.cpp; names the 15 slowest
