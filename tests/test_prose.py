@@ -13,9 +13,11 @@ A figure is a number with a unit of time (``0.8 s``, ``28 ms``, ``3 minutes``),
 of speed (``130 tokens/s``, ``12 answers per second``), or a ratio of speed
 (``2.6x``, ``10 times faster``, ``30% faster``). Not figures: counts (``16
 tokens``, ``2 cores``), shapes (``915 x 896``), names (``int4``, ``qwen0.5b``),
-and settings, where the number is a limit or default the code sets rather than
-something measured: the clause names it as such (``default 30 s``, ``timeout``,
-``every 5 s``, ``after 10 s``, ``at most 600 s``).
+and settings, where the number is a limit or default rather than something measured: the
+clause names it as such (``default 30 s``, ``timeout``, ``every 5 s``, ``after 10 s``,
+``at most 600 s``), it is the value of a named setting (``lingering_time is 30 s``), or a
+comment states the literal its code line sets (``# 1 MB in 30 s`` above ``TIMEOUT = 30``).
+A paragraph that starts "Example" is a worked example, with numbers made up.
 """
 from __future__ import annotations
 
@@ -71,6 +73,9 @@ SETTING = re.compile(
     r"|retry|retries|backoff|ttl|expires?|max(?:imum)?|min(?:imum)?|allow(?:s|ed)?|target)\b",
     re.IGNORECASE,
 )
+# The value of a named setting, here or in another program: "nginx's lingering_time is 30 s",
+# "--body-timeout 30 s".
+NAMED_SETTING = re.compile(r"(?:\b[a-z]+_[a-z_]+\b|--[a-z][\w-]*)`*\s*(?:is|=|of)?\s*$")
 _CLAUSE_END = re.compile(r"[.;:!?()\[\]]\s|[.;:!?]$|\n\s*\n|^\s*[-*]\s", re.MULTILINE)
 
 # A paragraph that starts so is a worked example: its numbers are made up to show the sum.
@@ -112,6 +117,8 @@ def figures_in(text: str, settings: set[float] = frozenset()) -> list[tuple[int,
     found = []
     for match in FIGURE.finditer(text):
         if SETTING.search(_clause_before(text, match.start())):
+            continue
+        if NAMED_SETTING.search(text, 0, match.start()):
             continue
         if EXAMPLE.match(_paragraph_before(text, match.start())):
             continue
@@ -289,6 +296,8 @@ def test_figures_are_found(text, tmp_path):
         "its 1990s models",
         "see https://example.org/v1/s",
         "a 16 s-long clip",
+        "the longest a connection is drained (nginx's lingering_time is 30 s)",
+        "`--body-timeout` 30 s",
         "retrain once the index holds 4x what it was trained on",
         "Example: seconds(4 tokens) = 0.20: W = 0 gives 4 tokens in 0.20 s (20/s)",
     ],
