@@ -1,7 +1,8 @@
 # Two commands set up everything on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 VENV := .venv
-PIP := $(VENV)/bin/pip
+# setuptools warns about the editable layout at every install: nothing a user acts on
+PIP := PYTHONWARNINGS=ignore $(VENV)/bin/pip
 RAGDEC := $(VENV)/bin/ragdec
 STAMP := $(VENV)/.installed
 
