@@ -252,10 +252,10 @@ SHED_RETRY_AFTER = 1  # seconds: connections come and go within that (a lingerin
 # descriptors kept for what the server opens besides connections (model and store files, a
 # cache's database, logs) and for the connections it sheds while they linger
 DESCRIPTOR_RESERVE = 256
-# what one open connection may hold in memory: its measured cost with a request in flight
-# (the process's objects and the kernel's socket, bench/results/connection_cost.json), plus
-# what uvicorn buffers of a body before it stops reading (HIGH_WATER_LIMIT) and of a head
-# before h11 refuses it
+# what one open connection may hold in memory: its measured cost, idle or with a request in
+# flight, in the process and in the kernel, rounded up to a power of two (python -m
+# bench.connection_cost: bench/results/connection_cost.json), plus what uvicorn buffers of
+# a body before it stops reading (HIGH_WATER_LIMIT) and of a head before h11 refuses it
 MEASURED_CONNECTION_BYTES = 32 * 1024
 CONNECTION_BYTES = MEASURED_CONNECTION_BYTES + HIGH_WATER_LIMIT + DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 MEMORY_SHARE = 0.25  # of the memory available when the server starts (the model is loaded by then)
