@@ -152,7 +152,9 @@ def test_both_caches_consistent_after_rollbacks(pair, monkeypatch):
 
         drafter.observe = checked_observe
         stop = StopCondition(frozenset(), (), 30)  # no EOS: the answer runs to the budget
-        blocks = list(loop.decode(big.model, prompt, drafter, rule, stop, big.decode_text))
+        row = loop.Row(tokens=list(prompt), prompt_len=len(prompt), drafter=drafter, acceptance=rule, stop=stop,
+                       detokenize=big.decode_text)
+        blocks = list(loop.decode(big.model, row))
         generated = [t for block in blocks for t in block.token_ids]
         assert blocks[-1].finish_reason == "length" and len(generated) == 30
         _assert_cache_holds(little.model, drafter.cache, drafter.cached_tokens)

@@ -17,6 +17,7 @@ import torch
 from helpers import noisy_copy, random_prompts
 from ragdec.decoding.generator import Generation, Generator
 from ragdec.decoding.methods import LOSSLESS_METHODS, GenerationParams, registered_methods
+from ragdec.decoding.seam import Drafter
 
 registered_methods()  # the built-in modules register their methods on import
 PROMPTS = 16
@@ -112,3 +113,16 @@ def test_lossless_method_equals_greedy(generator, cases, method, tmp_path):
         # drafts were made, verified, and some stood (that rejected ones are cut right is
         # each method's own test: on tiny-qwen2, which repeats one token, all drafts stand)
         assert accepted > 0, f"no draft of {method} stood: its copy path went untested"
+
+
+@pytest.mark.parametrize("method", sorted(LOSSLESS_METHODS))
+def test_drafter_fills_the_contract(generator, method, tmp_path):
+    """What the loop reads from a drafter besides its drafts (its own target, its forwards,
+    a cost curve) is declared on ``Drafter``, which every method's drafter subclasses: the
+    loop reads those attributes and never probes for them."""
+    setup = SETUPS.get(method)
+    options = setup(generator, tmp_path) if setup else {}
+    drafter, _ = registered_methods()[method](generator, [5, 6, 7], [], GenerationParams(8, (), method, options))
+    assert Drafter in type(drafter).__mro__
+    assert isinstance(drafter.forward_passes, int)
+    assert (drafter.target is not None) == method.startswith("free")  # FREE verifies on its shallow-deep model

@@ -149,12 +149,23 @@ class RowsKV(Protocol):
     """The seam between the loop and a model's KV state for a batch of rows.
 
     The loop never touches a cache: it asks for a forward over each row's new tokens and
-    says how many of them each row keeps. A second engine (llama.cpp through its batch
-    API) can fill the same five methods.
+    says how many of them each row keeps. The loop is given a factory of these
+    (``BatchDecoder(rows_kv=...)``, ``TransformersRows`` by default), so a second
+    implementation (llama.cpp through its batch API) fills the same methods without a
+    change to the loop.
     """
+
+    # shared prefix columns before the rows' own (PiD's ``start_shared``); while there are
+    # any the batch takes no other rows
+    prefix_len: int
 
     def __len__(self) -> int:
         """Rows in the batch."""
+        ...
+
+    def start_shared(self, prefix_ids: Sequence[int], suffixes: Sequence[Sequence[int]], share: str = "view") -> "torch.Tensor":
+        """Start an empty batch of rows that share ``prefix_ids``, each with its own
+        suffix; the logits of each row's last prompt token, [B, vocab]."""
         ...
 
     def join(self, row_cache, length: int) -> None:

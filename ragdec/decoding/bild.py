@@ -30,6 +30,7 @@ from typing import Sequence
 from .greedy import ExactMatch
 from .kv import crop_to, new_cache
 from .methods import knob, method_config, method_options, register_method
+from .seam import Drafter
 
 # big model (zoo name) -> its little model: the same family, so the same tokenizer
 LITTLE_MODELS = {"qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-0.5b-instruct"}
@@ -62,7 +63,7 @@ class BiLDConfig:
     draft_int8: bool = knob(True, "the little model's linear layers in int8 when it is loaded by name")
 
 
-class LittleModelDrafter:
+class LittleModelDrafter(Drafter):
     """Drafts with the little model while its top probability stays >= fallback_threshold.
 
     ``cached_tokens`` are exactly the tokens whose KV ``cache`` holds. Example: prompt
@@ -79,7 +80,7 @@ class LittleModelDrafter:
         self.eos_token_ids = eos_token_ids  # a draft ends after one: nothing follows it
         self.cache = new_cache(model)
         self.cached_tokens: list[int] = []
-        self.forward_passes = 0
+        self.forward_passes = 0  # the little model's (the contract's)
 
     def prefill(self, prompt_ids: Sequence[int]) -> None:
         """Read the prompt before decoding starts, as the big model does."""

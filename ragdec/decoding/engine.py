@@ -178,4 +178,4 @@ class BatchEngine:
             stream.put(RuntimeError(f"the batched forward failed: {self.last_error}"))
         self._streams.clear()
         model = self.decoder.model
-        self.decoder = BatchDecoder(model, self.decoder.prefill_chunk, self.decoder.max_rows, self.lock)
+        self.decoder = BatchDecoder(model, self.decoder.prefill_chunk, self.decoder.max_rows, self.lock, self.decoder.rows_kv)

@@ -62,6 +62,7 @@ from typing import Sequence
 from .free_threshold import ExitThreshold
 from .greedy import ExactMatch
 from .methods import knob, method_config, method_options, register_method
+from .seam import Drafter
 
 # free-lossless: the deep pass checks every draft. A wrong one costs its shallow step (47
 # ms on qwen2.5-coder-0.5b at layer 17) and ends the draft; a right one saves the deep
@@ -281,7 +282,7 @@ class ShallowDeep:
 # ---- drafter and acceptance ------------------------------------------------------------------
 
 
-class ShallowExitDrafter:
+class ShallowExitDrafter(Drafter):
     """Drafts the tokens that exit: runs the shallow model token by token while its
     confidence reaches the threshold.
 
@@ -293,7 +294,7 @@ class ShallowExitDrafter:
 
     def __init__(self, shallow_deep: ShallowDeep, threshold: ExitThreshold, eos_token_ids, max_stack: int):
         self.shallow_deep = shallow_deep
-        self.target = shallow_deep  # the loop's model: the verify runs the deep layers over the stack
+        self.target = shallow_deep  # the contract's: the verify runs the deep layers over the stack
         self.threshold = threshold
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_stack = max_stack
@@ -301,7 +302,7 @@ class ShallowExitDrafter:
         self.exit_predictions: list[int] = []
 
     @property
-    def forward_passes(self) -> int:
+    def forward_passes(self) -> int:  # the contract's: the shallow passes
         return self.shallow_deep.shallow_passes
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
@@ -321,8 +322,6 @@ class ShallowExitDrafter:
                 break
         return draft
 
-    def observe(self, tokens: Sequence[int], drafted: int, accepted: int) -> None:
-        pass
 
 
 class FreeAcceptance:

@@ -219,9 +219,7 @@ class Generator(ChatTokenizer):
         if engine is not None and engine.alive:
             blocks = engine.submit(lambda: self.row(prompt_ids, params, references, prefix_len))
         else:
-            row = self.row(prompt_ids, params, references, prefix_len)
-            blocks = decode(self.model, row.tokens, row.drafter, row.acceptance, row.stop, self.decode_text,
-                            row.prefixes, row.prefix_len, row.model, self.model_lock)
+            blocks = decode(self.model, self.row(prompt_ids, params, references, prefix_len), lock=self.model_lock)
         for block in blocks:
             final = block.finish_reason is not None
             yield TextChunk(text.push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats)
@@ -231,11 +229,10 @@ class Generator(ChatTokenizer):
         the stop condition, and the kept prefixes to use."""
         drafter, acceptance = method_factory(params.method)(self, prompt_ids, references, params)
         stop = StopCondition(self.eos_token_ids, tuple(params.stop), params.max_new_tokens)
-        prefixes = self.prefixes if prefix_len > 0 else None
-        # a drafter that runs part of the target itself (FREE's shallow layers) brings the
-        # target that shares its cache: the verify then skips what the drafter computed
-        target = getattr(drafter, "target", None)
-        return Row(0, list(prompt_ids), len(prompt_ids), drafter, acceptance, stop, self.decode_text, target, prefixes, prefix_len)
+        return Row(
+            tokens=list(prompt_ids), prompt_len=len(prompt_ids), drafter=drafter, acceptance=acceptance, stop=stop,
+            detokenize=self.decode_text, prefixes=self.prefixes if prefix_len > 0 else None, prefix_len=prefix_len,
+        )
 
     def generate(
         self,

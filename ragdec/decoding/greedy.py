@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .seam import Drafter
 
-class NoDraft:
+
+class NoDraft(Drafter):
     """The drafter of plain greedy decoding: it never proposes."""
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
         return []
-
-    def observe(self, tokens: Sequence[int], drafted: int, accepted: int) -> None:
-        pass
 
 
 class ExactMatch:

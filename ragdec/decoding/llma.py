@@ -17,6 +17,7 @@ from .cost import ForwardCost, forward_cost
 from .greedy import ExactMatch
 from .methods import knob, method_config, method_options, register_method
 from .reference_index import ReferenceIndex
+from .seam import Drafter
 
 
 @method_options("llma")
@@ -134,13 +135,13 @@ class LLMAMemory:
         self.answers: deque[list[int]] = deque(maxlen=max_answers)
 
 
-class LLMADrafter:
+class LLMADrafter(Drafter):
     """Proposes copies from the references; learns which situations pay."""
 
     def __init__(self, index: ReferenceIndex, config: LLMAConfig, cost: ForwardCost | None, memory: LLMAMemory):
         self.index = index
         self.config = config
-        self.cost = cost
+        self.cost = cost  # the contract's: the batch cuts drafts by it too
         self.memory = memory
         self._self_seq: int | None = None  # the prompt and answer, indexed as they grow
         self._answer: list[int] = []  # this request's answer, shared with the memory

@@ -25,9 +25,9 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from .batch_kv import TransformersRows, prefill_row
+from .batch_kv import RowsKV, TransformersRows, prefill_row
 from .kv import PrefixStore, new_cache
 from .seam import AcceptanceRule, Block, DecodeStats, Drafter
 from .stopping import StopCondition
@@ -47,18 +47,19 @@ def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
         )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Row:
-    """One request's decoding state."""
+    """One request's decoding state; built with keywords, e.g.
+    ``Row(tokens=list(prompt), prompt_len=len(prompt), drafter=NoDraft(), acceptance=ExactMatch(),
+    stop=stop, detokenize=tokenizer.decode)``."""
 
-    key: object  # the caller's handle for this row (an index, a request)
+    key: object = 0  # the caller's handle for this row (an index, a request)
     tokens: list[int]  # prompt, then the answer so far; the last token is not in the KV yet
     prompt_len: int
     drafter: Drafter
     acceptance: AcceptanceRule
     stop: StopCondition
-    detokenize: object  # token ids -> text, for stop strings
-    model: object = None  # the forward target when the drafter brings its own (FREE); None: the batch's
+    detokenize: Callable[[Sequence[int]], str]  # token ids -> text, for stop strings
     prefixes: PrefixStore | None = None  # kept prompt prefixes to reuse and to keep
     prefix_len: int = 0  # how much of the prompt is such a prefix
     started: float = field(default_factory=time.perf_counter)
@@ -76,10 +77,10 @@ class Row:
         return self.tokens[self.prompt_len :]
 
     @property
-    def exclusive(self) -> bool:
-        """A row whose drafter runs part of the target on the row's own cache (FREE's
-        shallow layers) decodes alone: its forwards cannot be stacked with other rows'."""
-        return self.model is not None
+    def alone(self) -> bool:
+        """A row whose drafter brings its own target (``Drafter.target``) decodes alone:
+        that target works on this row's cache, so its forwards take no other rows."""
+        return self.drafter.target is not None
 
     def stats(self) -> DecodeStats:
         return DecodeStats(
@@ -91,7 +92,7 @@ class Row:
             prefill_seconds=self.prefill_seconds,
             prompt_tokens=self.prompt_len,
             reused_prompt_tokens=self.reused,
-            drafter_forward_passes=getattr(self.drafter, "forward_passes", 0),
+            drafter_forward_passes=self.drafter.forward_passes,
         )
 
 
@@ -157,14 +158,19 @@ class BatchDecoder:
             rows less; larger ones read prompts faster.
         max_rows: rows decoding at once; joining rows wait past it.
         lock: held around each step, when other loops run forwards on the same model.
+        rows_kv: makes the KV seam over the rows for a target model (``RowsKV``); the
+            batch's own model, or a lone row's drafter's target.
     """
 
-    def __init__(self, model, prefill_chunk: int | None = None, max_rows: int | None = None, lock=None):
+    def __init__(self, model, prefill_chunk: int | None = None, max_rows: int | None = None, lock=None,
+                 rows_kv: Callable[[object], RowsKV] = TransformersRows):
         self.model = model
         self.lock = lock or nullcontext()  # held around each step
         self.prefill_chunk = prefill_chunk
         self.max_rows = max_rows
-        self.kv = TransformersRows(model)
+        self.rows_kv = rows_kv
+        self.kv = rows_kv(model)
+        self.kv_target = model  # the model ``kv`` runs: the batch's, or its lone row's own target
         self.rows: list[Row] = []  # decoding, in the order of the KV's rows
         self.joining: deque[Row] = deque()  # reading their prompts, first come first
         self.width = BatchDraftWidth()
@@ -178,9 +184,9 @@ class BatchDecoder:
 
     def add(self, row: Row) -> None:
         """Queue a row; it joins the batch between steps once its prompt is read."""
-        check_context(row.model or self.model, row.prompt_len, row.stop.max_new_tokens)
+        check_context(self._target(row), row.prompt_len, row.stop.max_new_tokens)
         if self.width.cost is None:
-            self.width.cost = getattr(row.drafter, "cost", None)  # LLMA's measured cost curve
+            self.width.cost = row.drafter.cost
         self.joining.append(row)
 
     def cancel(self, key) -> None:
@@ -200,7 +206,8 @@ class BatchDecoder:
         for row in rows:
             check_context(self.model, row.prompt_len, row.stop.max_new_tokens)
             if self.width.cost is None:
-                self.width.cost = getattr(row.drafter, "cost", None)
+                self.width.cost = row.drafter.cost
+        self._use_target(self.model)
         with self.lock, torch.inference_mode():
             logits = self.kv.start_shared(rows[0].tokens[:prefix_len], [r.tokens[prefix_len:] for r in rows], share)
         events = []
@@ -234,14 +241,14 @@ class BatchDecoder:
     def _may_join(self, row: Row) -> bool:
         if not self.rows:
             return True
-        if row.exclusive or self.rows[0].exclusive or self.kv.prefix_len:
+        if row.alone or self.rows[0].alone or self.kv.prefix_len:
             return False
         return self.max_rows is None or len(self.rows) < self.max_rows
 
     def _prefill(self, row: Row, events: list) -> None:
         """Read the next part of ``row``'s prompt; when it is all read, the row's first
         token, and the row joins the batch (or ends, if that token already stops it)."""
-        model = row.model or self.model
+        model = self._target(row)
         keep_at = min(row.prefix_len, row.prompt_len - 1) if row.prefixes is not None else 0
         if row.cache is None:
             if keep_at > 0:
@@ -263,10 +270,8 @@ class BatchDecoder:
         row.forward_passes += 1  # the prompt, counted as one forward however it was read
         cache, row.cache = row.cache, None
         if not self._first_token(row, logits, events):
-            if row.exclusive:
-                self.kv.model = model
-            elif self.kv.model is not self.model and not self.rows:
-                self.kv.model = self.model
+            if not self.rows:
+                self._use_target(model)
             self.kv.join(cache, row.prompt_len)
             self.rows.append(row)
 
@@ -327,45 +332,39 @@ class BatchDecoder:
             self.kv.drop(finished)
             gone = set(finished)
             self.rows = [row for r, row in enumerate(self.rows) if r not in gone]
-            if not self.rows:
-                self.kv.model = self.model
+
+    def _target(self, row: Row):
+        """The model that runs ``row``'s forwards: its drafter's own target, or the batch's."""
+        return row.drafter.target if row.drafter.target is not None else self.model
+
+    def _use_target(self, target) -> None:
+        """Before a row joins an empty batch: the rows' KV runs ``target`` (a new one when
+        the last batch ran another)."""
+        if target is not self.kv_target:
+            self.kv = self.rows_kv(target)
+            self.kv_target = target
 
 
-def decode(
-    model,
-    prompt_ids: Sequence[int],
-    drafter: Drafter,
-    acceptance: AcceptanceRule,
-    stop: StopCondition,
-    detokenize,
-    prefixes: PrefixStore | None = None,
-    prefix_len: int = 0,
-    target=None,
-    lock=None,
-) -> Iterator[Block]:
-    """Decode one request from ``prompt_ids`` (a batch of one), yielding the accepted tokens
-    of each step.
+def decode(model, row: Row, lock=None) -> Iterator[Block]:
+    """Decode one request (a batch of one), yielding the accepted tokens of each step.
 
     Args:
-        model: a causal LM whose forward takes ``past_key_values`` and ``logits_to_keep``.
-        prompt_ids: the full prompt, chat template applied.
-        drafter: proposes draft tokens (``greedy.NoDraft`` for plain greedy).
-        acceptance: keeps a prefix of each draft plus one target token.
-        stop: EOS ids, stop strings and the token budget.
-        detokenize: token ids -> text, for stop strings.
-        prefixes, prefix_len: reuse the KV of ``prompt_ids[:prefix_len]`` (a fixed system
-            prompt, a conversation's history) from ``prefixes`` when kept there, and keep it
-            there when not. The prompt is then prefilled in two parts, which every
-            request sharing that prefix does alike.
-        target: the forward target when the drafter brings its own (FREE's shallow-deep
-            model, which shares the row's cache); None: ``model``.
+        model: a causal LM whose forward takes ``past_key_values`` and ``logits_to_keep``
+            (``row.drafter.target`` runs instead when the drafter brings its own).
+        row: the request: its prompt (``tokens``, chat template applied, and
+            ``prompt_len``), drafter (``greedy.NoDraft`` for plain greedy), acceptance
+            rule, stop condition and ``detokenize``; with ``prefixes`` and ``prefix_len``
+            the KV of ``tokens[:prefix_len]`` (a fixed system prompt, a conversation's
+            history) is reused from ``prefixes`` when kept there, and kept there when not.
+            The prompt is then prefilled in two parts, which every request sharing that
+            prefix does alike.
         lock: held around each step (a lock shared by every loop on the model).
 
     Yields:
         Blocks of new token ids; the last one carries ``finish_reason`` and ``stats``.
     """
     decoder = BatchDecoder(model, lock=lock)
-    decoder.add(Row(0, list(prompt_ids), len(prompt_ids), drafter, acceptance, stop, detokenize, target, prefixes, prefix_len))
+    decoder.add(row)
     while decoder.busy:
         for _, block in decoder.step():
             yield block

@@ -118,7 +118,8 @@ def pid_stream(
     rows, texts = [], []
     for i, prompt in enumerate(prompts_ids):
         drafter, acceptance = factory(generator, prompt, references, params)
-        rows.append(Row(i, list(prompt), len(prompt), drafter, acceptance, stop, detokenize))
+        rows.append(Row(key=i, tokens=list(prompt), prompt_len=len(prompt), drafter=drafter, acceptance=acceptance,
+                        stop=stop, detokenize=detokenize))
         texts.append(TextStream(detokenize, params.stop))
 
     decoder = BatchDecoder(generator.model, lock=generator.model_lock)

@@ -14,9 +14,28 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 if TYPE_CHECKING:
     import torch
 
+    from .cost import ForwardCost
+
 
 class Drafter(Protocol):
-    """Proposes draft tokens from what has been decoded so far."""
+    """Proposes draft tokens from what has been decoded so far.
+
+    Besides ``propose`` and ``observe``, a drafter declares what else it offers the loop;
+    the defaults below offer nothing. Every drafter subclasses this class and sets what it
+    offers, so the loop reads these attributes as they are and never probes for them.
+    """
+
+    # the model that verifies this row's drafts, when the drafter brings its own (FREE's
+    # shallow-deep model, which runs only the deep layers over what the drafter's shallow
+    # passes stacked in the row's cache); None: the batch's model. A row with a target of
+    # its own decodes alone, since that target works on one row's cache.
+    target: object = None
+    # forwards of the drafter's own model (BiLD's little model, FREE's shallow passes), for
+    # ``DecodeStats.drafter_forward_passes``; 0 where the drafter runs none
+    forward_passes: int = 0
+    # the measured seconds of a target forward per draft length (LLMA's); the batch cuts
+    # its rows' drafts to the width that pays by it. None: drafts are verified whole
+    cost: ForwardCost | None = None
 
     def propose(self, tokens: Sequence[int], max_tokens: int) -> list[int]:
         """Return at most ``max_tokens`` draft tokens to follow ``tokens``.
@@ -30,8 +49,8 @@ class Drafter(Protocol):
 
     def observe(self, tokens: Sequence[int], drafted: int, accepted: int) -> None:
         """Learn the outcome of the last step: ``tokens`` as they now stand,
-        ``drafted`` tokens proposed, ``accepted`` of them kept."""
-        ...
+        ``drafted`` tokens proposed, ``accepted`` of them kept. By default nothing."""
+        return None
 
 
 class AcceptanceRule(Protocol):
