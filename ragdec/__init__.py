@@ -2,6 +2,12 @@
 
 Heavy libraries (torch, transformers, faiss) are imported where they are used, so that
 importing ragdec and running ``ragdec --help`` stay fast.
+
+The answering stack, as `ragdec ask` builds it (``ragdec.app.build``; loaded on first use)::
+
+    from ragdec import StackSettings, build_stack
+
+    pipeline = build_stack(StackSettings(store="docs.store"))
 """
 
 __version__ = "0.1.0"
@@ -23,3 +29,7 @@ def lazy_exports(package: str, exports: dict[str, str]):
         return getattr(importlib.import_module(f".{exports[name]}", package), name)
 
     return __getattr__
+
+
+# the Python API's front door: the builder every entry point uses, with its defaults
+__getattr__ = lazy_exports(__name__, {"build_stack": "app.build", "StackSettings": "app.build"})

@@ -20,7 +20,7 @@ import threading
 import time
 
 import pytest
-from app_fixtures import STORE_QUESTION, build_store
+from app_fixtures import STORE_QUESTION, pipeline, store  # noqa: F401 - fixtures
 from test_app_server import MODEL, ask
 
 from ragdec.decoding.methods import GenerationParams
@@ -110,7 +110,7 @@ def test_serve_flags_reach_the_app_and_uvicorn(monkeypatch):
     assert access_settings(named)["allowed_hosts"] == ["box.lan"] and access_settings(named)["docs"] is True
     assert exposure_warnings(build_parser().parse_args(["serve"])) == []  # loopback: nothing to warn of
     config = server_config(FastAPI(), header_timeout=2, max_connections=10)
-    assert config.http.header_timeout == 2 and config.limit_concurrency == 11  # uvicorn counts the one asking
+    assert config.http.header_timeout == 2 and config.http.max_connections == 10  # the transport's bound (GuardedH11)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -228,25 +228,12 @@ def trickle(sockets: list[socket.socket], byte: bytes, seconds: float) -> dict[i
 # ---- the servers ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, minilm):
-    from ragdec.retrieval.retriever import Retriever
-
-    with Retriever.open(build_store(tmp_path_factory.mktemp("abuse"), minilm), minilm) as retriever:
-        yield retriever
-
-
-@pytest.fixture(scope="module")
-def pipeline(store, smollm2):
-    return RagPipeline(smollm2, store, settings=RagSettings(k=1))
-
-
 def serve(pipeline, header_timeout: float = TIMEOUT, max_connections: int | None = None, **access):
     """A live server over ``pipeline`` with this module's small timeouts."""
     from ragdec.app.server import BackgroundServer, create_app
 
-    app = create_app(pipeline, MODEL, retriever=pipeline.retriever, defaults=GenerationParams(max_new_tokens=8, method="auto"),
-                     context_length=pipeline.generator.model.config.max_position_embeddings, body_timeout=TIMEOUT, **access)
+    app = create_app(pipeline, MODEL, engine=pipeline.engine, retriever=pipeline.retriever,
+                     defaults=GenerationParams(max_new_tokens=8, method="auto"), body_timeout=TIMEOUT, **access)
     return BackgroundServer(app, header_timeout=header_timeout, max_connections=max_connections)
 
 

@@ -10,11 +10,10 @@ import threading
 import time
 
 import pytest
-from app_fixtures import build_store
+from app_fixtures import pipeline, store  # noqa: F401 - fixtures
 from test_app_server import MODEL, ask, direct, get, get_status, open_request, post
 
 from ragdec.decoding.methods import GenerationParams
-from ragdec.pipelines.rag import RagPipeline, RagSettings
 
 QUESTIONS = [
     "Who was Nikola Tesla?",
@@ -26,19 +25,11 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, minilm, smollm2):
-    from ragdec.retrieval.retriever import Retriever
-
-    with Retriever.open(build_store(tmp_path_factory.mktemp("batch"), minilm), minilm) as retriever:
-        yield RagPipeline(smollm2, retriever, settings=RagSettings(k=1))
-
-
 def serve(pipeline, **scheduling):
     from ragdec.app.server import BackgroundServer, create_app
 
-    app = create_app(pipeline, MODEL, retriever=pipeline.retriever, defaults=GenerationParams(max_new_tokens=10, method="auto"),
-                     context_length=pipeline.generator.model.config.max_position_embeddings, **scheduling)
+    app = create_app(pipeline, MODEL, engine=pipeline.engine, retriever=pipeline.retriever,
+                     defaults=GenerationParams(max_new_tokens=10, method="auto"), **scheduling)
     return BackgroundServer(app)
 
 
@@ -64,7 +55,7 @@ def test_batched_answers_equal_answers_alone(pipeline):
             peak = max(peak, health["batch"]["rows"])
             time.sleep(0.05)
         health = get(server, "/health")
-    assert health["worker"] == {"live": True, "threads": 4, "batch_engine": True}
+    assert health["worker"] == {"live": True, "threads": 4, "batching": True}
     assert health["jobs"]["done"] >= len(QUESTIONS) and health["jobs"]["failed"] == 0
     assert peak >= 2  # requests really decoded together
     for question in QUESTIONS:
@@ -133,7 +124,6 @@ def test_a_client_leaving_mid_batch_frees_its_row_and_others_go_on(pipeline):
 
 def test_health_reports_a_dead_worker(pipeline):
     with serve(pipeline, max_batch=2) as server:
-        engine = pipeline.generator.engine
-        engine.close()  # the batch thread is gone
+        pipeline.engine.scheduler.close()  # the batch thread is gone
         status, health = get_status(server, "/health")
     assert status == 503 and health["status"] == "down" and health["worker"]["live"] is False

@@ -122,6 +122,44 @@ class TestRagdecEmbeddingsIntegration(WithMinilm, EmbeddingsIntegrationTests):
 # ---- beyond the suites ---------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_tokenizer) -> str:
+    """A random 2-layer qwen2 saved as a local model folder (sizes in groups of 32, as int4
+    needs): what every entry point loads by name, without the zoo's weights."""
+    from conftest import tiny_causal_lm
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_causal_lm("qwen2", len(tiny_tokenizer), hidden_size=64, intermediate_size=128).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_chat_model_builds_the_stack_ragdec_ask_builds(tiny_folder):
+    """One builder, one set of defaults: ``ChatRagdec()`` names the model, weights and
+    router of `ragdec ask`, and both load int4 unless told otherwise."""
+    import ragdec
+    from ragdec.app.build import DEFAULT_DTYPE, DEFAULT_MODEL
+    from ragdec.app.cli import build_parser
+    from ragdec.app.cli_common import build_engine, stack_settings
+    from ragdec.decoding.int4 import INT4, weights_name
+
+    chat, ask = ChatRagdec().stack_settings(), stack_settings(build_parser().parse_args(["ask", "Why?", "--no-cache"]))
+    assert DEFAULT_DTYPE == INT4
+    assert (chat.model_name, chat.dtype, chat.default_method, chat.cache) == (ask.model_name, ask.dtype, ask.default_method, ask.cache)
+    assert (chat.model_name, chat.dtype) == (DEFAULT_MODEL, INT4)
+    assert ChatRagdec(dtype="float32").stack_settings().dtype == "float32"
+
+    chat = ChatRagdec(model=tiny_folder, max_tokens=3, method="greedy")
+    assert chat.invoke("hello").response_metadata["ragdec"]["stats"]["new_tokens"] > 0
+    assert weights_name(chat.pipeline.engine.generator.model) == INT4  # what the chat model answered with
+    assert ChatRagdec(model=tiny_folder)._pipeline().engine is chat.pipeline.engine  # one loaded model per process
+    command = build_engine(build_parser().parse_args(["ask", "Why?", "--model", tiny_folder, "--no-cache"]))
+    assert weights_name(command.generator.model) == INT4
+    python_api = ragdec.build_stack(ragdec.StackSettings(model=tiny_folder, dtype="float32"))
+    assert weights_name(python_api.engine.generator.model) == "float32"  # --dtype float32 stays possible everywhere
+
+
+
 def test_temperature_above_zero_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="decodes greedily"):
         ChatRagdec(model=CHAT_MODEL, temperature=0.7)

@@ -12,34 +12,20 @@ import urllib.request
 
 import openai  # a test dependency (pip install -e '.[test]')
 import pytest
-from app_fixtures import STORE_QUESTION, build_store
+from app_fixtures import STORE_QUESTION, pipeline, store  # noqa: F401 - fixtures
 
 from ragdec.decoding.methods import GenerationParams
-from ragdec.pipelines.rag import RagPipeline, RagSettings
 from ragdec.pipelines.types import Request, collect
 
 MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, minilm):
-    from ragdec.retrieval.retriever import Retriever
-
-    with Retriever.open(build_store(tmp_path_factory.mktemp("srv"), minilm), minilm) as retriever:
-        yield retriever
-
-
-@pytest.fixture(scope="module")
-def pipeline(store, smollm2):
-    return RagPipeline(smollm2, store, settings=RagSettings(k=1))
-
-
-@pytest.fixture(scope="module")
 def server(pipeline, store):
     from ragdec.app.server import BackgroundServer, create_app
 
-    app = create_app(pipeline, MODEL, retriever=store, defaults=GenerationParams(max_new_tokens=12, method="auto"),
-                     context_length=pipeline.generator.model.config.max_position_embeddings)
+    app = create_app(pipeline, MODEL, engine=pipeline.engine, retriever=store,
+                     defaults=GenerationParams(max_new_tokens=12, method="auto"))
     with BackgroundServer(app) as running:
         yield running
 

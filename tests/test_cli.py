@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ragdec.app.cli import build_parser, main
-from ragdec.app.cli_common import PIPELINE_DTYPE, generation_params
+from ragdec.app.cli_common import DEFAULT_DTYPE, DEFAULT_MODEL, generation_params
 from ragdec.decoding.methods import METHOD_OPTIONS, knob, method_options, registered_options
 
 APP = Path(__file__).resolve().parents[1] / "ragdec" / "app"
@@ -169,14 +169,14 @@ def test_help_states_the_defaults_of_the_layers_that_own_them(capsys, monkeypatc
         assert f"(default {default})" in flag_line(bench, flag), flag
     ask = help_text(["ask"], capsys, monkeypatch)
     assert f"(default {RagSettings.k})" in flag_line(ask, "-k") and f"(default {RagSettings.search_mode})" in flag_line(ask, "--mode")
-    assert f"(default {PIPELINE_DTYPE})" in flag_line(ask, "--dtype")  # the pipeline's, which build_engine applies
+    assert f"(default {DEFAULT_DTYPE})" in flag_line(ask, "--dtype")  # the stack's, which build_stack applies
     assert "(default float32)" in flag_line(help_text(["generate"], capsys, monkeypatch), "--dtype")
     build = help_text(["index", "build"], capsys, monkeypatch)
     for name in ("text_field", "title_field", "id_field", "max_line_chars"):
         assert f"(default {getattr(ReadOptions, name)})" in flag_line(build, "--" + name.replace("_", "-")), name
     faq = help_text(["faq", "ask"], capsys, monkeypatch)
     service = inspect.signature(FaqService).parameters
-    assert f"(default {service['model'].default})" in flag_line(faq, "--model")
+    assert f"(default {DEFAULT_MODEL})" in flag_line(faq, "--model") and f"(default {DEFAULT_DTYPE})" in flag_line(faq, "--dtype")
     assert f"(default {service['max_new_tokens'].default})" in flag_line(faq, "--max-new-tokens")
     calibrate = help_text(["cache", "calibrate"], capsys, monkeypatch)
     pairs, faq_targets = inspect.signature(calibrate_pairs).parameters, inspect.signature(calibrate_faq).parameters

@@ -225,11 +225,11 @@ def test_int4_smollm2_llma_equals_greedy_on_copying_prompts(weights):
 def test_the_pipeline_commands_load_int4_unless_told_otherwise(weights):
     """ask, chat and serve answer with the int4 configuration by default; --dtype picks another."""
     from ragdec.app.cli import build_parser
-    from ragdec.app.cli_common import PIPELINE_DTYPE, build_engine
+    from ragdec.app.cli_common import DEFAULT_DTYPE, build_engine
 
     model = weights("smollm2-135m-instruct")
-    assert PIPELINE_DTYPE == INT4
+    assert DEFAULT_DTYPE == INT4
     default = build_engine(build_parser().parse_args(["ask", "Why?", "--model", model]))
-    assert weights_name(default.model) == INT4
+    assert weights_name(default.generator.model) == INT4
     chosen = build_engine(build_parser().parse_args(["serve", "--model", model, "--dtype", "float32"]))
-    assert weights_name(chosen.model) == "float32"
+    assert weights_name(chosen.generator.model) == "float32"

@@ -273,8 +273,16 @@ def test_an_unreachable_server_is_named_with_what_to_check():
 # ---- in front of it: `ragdec serve` and the command line ---------------------------------------
 
 
+def serve_remote(url: str, **scheduling):
+    """``create_app`` over a pipeline whose engine is the remote server at ``url``."""
+    from ragdec.app.server import create_app
+
+    pipeline = RagPipeline(RemoteEngine(url, "m", settings=FAST))
+    return create_app(pipeline, "m", engine=pipeline.engine, **scheduling)
+
+
 def test_serve_over_a_remote_engine_answers_concurrently_and_survives_a_cut():
-    from ragdec.app.server import BackgroundServer, create_app
+    from ragdec.app.server import BackgroundServer
 
     in_flight = []  # requests the remote holds at once, as each arrives
 
@@ -288,11 +296,10 @@ def test_serve_over_a_remote_engine_answers_concurrently_and_survives_a_cut():
 
     peak: list[int] = []
 
-    with FakeServer(reply) as remote, BackgroundServer(create_app(RagPipeline(RemoteEngine(remote.url, "m", settings=FAST)), "m",
-                                                                  max_batch=4)) as front:
+    with FakeServer(reply) as remote, BackgroundServer(serve_remote(remote.url, max_batch=4)) as front:
         health = json.loads(urllib.request.urlopen(front.url + "/health", timeout=10).read())
         assert health["engine"]["kind"] == "remote" and health["engine"]["base_url"] == remote.url
-        assert health["worker"]["batch_engine"] is False
+        assert health["worker"]["batching"] is False  # the remote server batches, not this one
 
         def post(question: str, stream: bool = False):
             body = json.dumps({"model": "m", "messages": [{"role": "user", "content": question}], "stream": stream}).encode()

@@ -12,9 +12,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .cli_common import db_path, given, write_json
-
-DEFAULT_FAQ_MODEL = "qwen2.5-coder-0.5b-instruct"  # ragdec.cache.faq.DEFAULT_FAQ_MODEL, without importing it
+from .cli_common import DEFAULT_DTYPE, DEFAULT_MODEL, add_dtype_argument, db_path, given, write_json
 
 
 # ---- cache -----------------------------------------------------------------------------
@@ -176,7 +174,8 @@ def cmd_faq_ask(args) -> int:
 
     cache = QACache.open(db_path(args), create=False)
     try:
-        service = FaqService(cache, **given(model=args.model, max_new_tokens=args.max_new_tokens), cache_generated=not args.no_cache)
+        service = FaqService(cache, args.model or DEFAULT_MODEL, **given(max_new_tokens=args.max_new_tokens),
+                             cache_generated=not args.no_cache, dtype=args.dtype or DEFAULT_DTYPE)
         answer = service.ask(args.question)
     finally:
         cache.close()
@@ -238,7 +237,8 @@ def register(subparsers) -> None:
     ask = faq_actions.add_parser("ask", help="answer one question")
     ask.add_argument("question")
     _add_db(ask)
-    ask.add_argument("--model", help=f"model that answers when no FAQ entry is safe (default {DEFAULT_FAQ_MODEL})")
+    ask.add_argument("--model", help=f"model that answers when no FAQ entry is safe (default {DEFAULT_MODEL})")
+    add_dtype_argument(ask, DEFAULT_DTYPE)
     ask.add_argument("--max-new-tokens", type=int, help="most tokens of a generated answer (default 256)")
     ask.add_argument("--no-cache", action="store_true", help="do not cache a generated answer")
     ask.add_argument("--json", metavar="PATH", help="write the answer, the lookup and decoding stats as JSON")

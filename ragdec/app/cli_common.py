@@ -1,7 +1,7 @@
 """What the `ragdec` commands share: the model, method and decoding flags, each decoding
-method's knob flags, the pipeline that `ask`, `chat` and `serve` answer with (and the
-engine it answers by: in process, or a remote OpenAI-compatible server), and the JSON
-writer.
+method's knob flags, the flags of the pipeline that `ask`, `chat` and `serve` answer with
+(and of the engine it answers by: in process, or a remote OpenAI-compatible server), read
+into the ``StackSettings`` that ``build.build_stack`` builds from, and the JSON writer.
 
 Every command module (``cli_*.py``) imports from here and from no other command module;
 ``cli.py`` only registers them. A flag the user leaves out is None, and the layer that owns
@@ -17,9 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-# ask, chat and serve: an answer over passages runs longer than generate's 128 tokens
-ANSWER_MAX_NEW_TOKENS = 256
+# the defaults of the answering stack, kept in one place (build.py); commands name them from here
+from .build import ANSWER_MAX_NEW_TOKENS, DEFAULT_DTYPE, DEFAULT_MODEL, ENGINES, StackSettings, build_stack
 
 
 def given(**values) -> dict:
@@ -64,19 +63,16 @@ PIPELINE_MODEL_HELP = (f"zoo name, local folder or hub id (default {DEFAULT_MODE
                        "tokenizer that measures prompts (default: an estimate of 3 bytes a token)")
 
 
-# what ask, chat and serve load when --dtype is not given: the configuration that answers
-# rag requests fastest end to end (README, "ragdec beside llama.cpp"); generate and bench
-# keep float32, the zoo's weights as they are
-PIPELINE_DTYPE = "int4"
-
-
 def add_dtype_argument(parser, default: str = "float32") -> None:
+    """--dtype, whose help names ``default``: the answering commands' is ``DEFAULT_DTYPE``;
+    generate and bench keep float32, the zoo's weights as they are."""
     from ragdec.decoding.generator import DTYPES
 
     parser.add_argument(
         "--dtype", choices=DTYPES, help=f"the model's weights (default {default}): float32 as the zoo holds them; "
-        "bfloat16 reads prompts 10x faster on CPUs with AMX; int4 decodes on 4-bit weights (steps about 5x as fast "
-        "as float32's on 2 cores) and reads prompts in 8 bits; answers may differ between them"
+        "bfloat16 reads prompts faster on CPUs with AMX; int4 decodes on 4-bit weights, whose steps read a fraction "
+        "of float32's bytes, and reads prompts in 8 bits (bench/results/llamacpp_rag_*.json compare them); answers "
+        "may differ between them"
     )
 
 
@@ -199,7 +195,7 @@ def add_pipeline_arguments(parser) -> None:
     add_generation_arguments(
         parser, method="auto", max_new_tokens=ANSWER_MAX_NEW_TOKENS,
         method_help="decoding method; auto: llma when there is text to copy, else --default-method",
-        model_help=PIPELINE_MODEL_HELP, dtype=PIPELINE_DTYPE,
+        model_help=PIPELINE_MODEL_HELP, dtype=DEFAULT_DTYPE,
     )
     parser.add_argument(
         "--default-method", help="what auto picks when there is nothing to copy (default: bild-lossless for a big "
@@ -215,7 +211,6 @@ def add_pipeline_arguments(parser) -> None:
 
 # ---- the engine: in process, or a remote OpenAI-compatible server ------------------------
 
-ENGINES = ("local", "openai")
 REMOTE_API_KEY_ENV = "RAGDEC_REMOTE_API_KEY"  # keeps the remote's key out of `ps`
 # flags that tune in-process decoding, which a remote engine leaves to its server
 LOCAL_ONLY_FLAGS = {"method": "--method", "default_method": "--default-method", "dtype": "--dtype"}
@@ -250,31 +245,26 @@ def add_engine_arguments(parser) -> None:
 
 
 def pipeline_model(args) -> str | None:
-    """The model the pipeline's flags name: --model, else the default model for the local
-    engine; for a remote engine, the remote model (what answers, and what the QA cache keys to)."""
-    if args.engine == "openai":
-        return args.remote_model
-    return args.model or DEFAULT_MODEL
+    """The model the pipeline's flags name: what answers (``StackSettings.model_name``)."""
+    return StackSettings(model=args.model, engine=args.engine, remote_model=args.remote_model).model_name
 
 
-def build_engine(args):
-    """The engine the flags describe: in-process decoding of --model (loaded, prepared
-    first when needed), or the remote server of --base-url.
+def stack_settings(args) -> StackSettings:
+    """The answering stack the pipeline's flags describe (``add_pipeline_arguments``): the
+    QA cache at --db unless --no-cache, the weights of --dtype, or the remote engine's.
 
     Raises:
         ValueError: remote flags without --engine openai, or --engine openai without
             --base-url and --remote-model, or with a flag only the local engine has.
     """
-    from ragdec.decoding.generator import Generator
-
     remote_flags = [f"--{name.replace('_', '-')}" for name in ("base_url", "remote_model", "remote_api_key", "remote_context",
                     "remote_timeout", "remote_read_timeout", "remote_retries", "remote_references") if getattr(args, name) is not None]
+    local = {"model": args.model, "dtype": args.dtype or DEFAULT_DTYPE, "store": args.store, "k": args.k,
+             "search_mode": args.mode, "default_method": args.default_method, "cache": None if args.no_cache else db_path(args)}
     if args.engine == "local":
         if remote_flags:
             raise ValueError(f"{', '.join(remote_flags)}: for a remote engine; add --engine openai (or drop them)")
-        return Generator.load(pipeline_model(args), args.dtype or PIPELINE_DTYPE)
-    from ragdec.pipelines.remote import RemoteEngine, RemoteSettings
-
+        return StackSettings(**local)
     missing = [flag for flag, value in (("--base-url URL", args.base_url), ("--remote-model NAME", args.remote_model)) if not value]
     if missing:
         raise ValueError(f"--engine openai needs {' and '.join(missing)}, e.g. --base-url http://127.0.0.1:8001/v1 --remote-model NAME")
@@ -283,35 +273,25 @@ def build_engine(args):
     if local_only:
         raise ValueError(f"{', '.join(local_only)}: ragdec's in-process decoding; with --engine openai the server decodes its "
                          "own way (turn on its copy decoding there: vLLM's ngram speculation, llama-server's --spec-type)")
-    settings = RemoteSettings(**given(context_length=args.remote_context, timeout_s=args.remote_timeout,
-                                      read_timeout_s=args.remote_read_timeout, retries=args.remote_retries,
-                                      send_references=args.remote_references))
+    from ragdec.pipelines.remote import RemoteSettings
+
+    remote = RemoteSettings(**given(context_length=args.remote_context, timeout_s=args.remote_timeout,
+                                    read_timeout_s=args.remote_read_timeout, retries=args.remote_retries,
+                                    send_references=args.remote_references))
     api_key = args.remote_api_key or os.environ.get(REMOTE_API_KEY_ENV) or None
-    return RemoteEngine(args.base_url, args.remote_model, api_key, tokenizer=args.model, settings=settings)
+    return StackSettings(**local, engine="openai", base_url=args.base_url, remote_model=args.remote_model, api_key=api_key,
+                         remote=remote)
+
+
+def build_engine(args):
+    """The engine the flags describe (``build.build_engine``): the model loaded in
+    process, or the remote server of --base-url."""
+    from .build import build_engine as build
+
+    return build(stack_settings(args))
 
 
 def build_pipeline(args):
-    """The pipeline the flags describe: the store opened (its embedder checked), the QA
-    cache opened unless ``--no-cache``, the engine built (``build_engine``)."""
-    from ragdec.decoding.generator import configure_threads
-    from ragdec.pipelines.rag import RagPipeline, RagSettings
-    from ragdec.pipelines.router import Router, default_method
-    from ragdec.retrieval.retriever import Retriever
-
-    if args.engine == "local" or args.store:  # torch runs here: the model, or the store's embedder
-        configure_threads()
-    retriever = None
-    if args.store:
-        store = Path(args.store).expanduser()
-        if not store.is_dir():
-            raise FileNotFoundError(f"no store at {store}: build one with `ragdec index build PATH... --store {store}`")
-        retriever = Retriever.open(store)
-    cache = None
-    if not args.no_cache:
-        from ragdec.cache.lookup import QACache
-
-        cache = QACache.open(db_path(args))
-    engine = build_engine(args)
-    settings = RagSettings(**given(k=args.k, search_mode=args.mode), cache_answers=not args.no_cache)
-    router = Router(default=args.default_method or default_method(pipeline_model(args)))
-    return RagPipeline(engine, retriever, cache, settings, router)
+    """The pipeline the flags describe (``build.build_stack``): the store opened (its
+    embedder checked), the QA cache opened unless ``--no-cache``, the engine built."""
+    return build_stack(stack_settings(args))

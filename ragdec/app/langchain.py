@@ -4,14 +4,16 @@ Imported on its own so that the rest of ragdec never loads langchain-core::
 
     from ragdec.app.langchain import ChatRagdec, RagdecLLM, RagdecRetriever, RagdecEmbeddings
 
-    chat = ChatRagdec(model="qwen2.5-coder-0.5b-instruct", store="docs.store", max_tokens=128)
+    chat = ChatRagdec(store="docs.store", max_tokens=128)       # the model and weights of `ragdec ask`
     chat.invoke("Where does the Rhine begin?").content          # answered over the store's passages
     chat.invoke("...").response_metadata["ragdec"]["sources"]    # the passages it was given
 
 Every class speaks to ragdec through a pipeline (``Request`` in, ``Chunk`` out): the chat
-model builds a ``RagPipeline`` from its fields, or takes one ready (``pipeline=``). It
-decodes in process, or on an OpenAI-compatible server (``engine="openai"``, as `ragdec ask
---engine openai`): retrieval, sources and the stats stay the same::
+model builds a ``RagPipeline`` from its fields with the builder every entry point uses
+(``build.build_stack``: the model and weights of `ragdec ask`, int4 unless ``dtype`` says
+otherwise), or takes one ready (``pipeline=``). It decodes in process, or on an
+OpenAI-compatible server (``engine="openai"``, as `ragdec ask --engine openai`):
+retrieval, sources and the stats stay the same::
 
     chat = ChatRagdec(engine="openai", base_url="http://10.0.0.5:8000/v1", remote_model="Qwen/Qwen2.5-0.5B-Instruct",
                       store="docs.store")
@@ -45,57 +47,33 @@ from ragdec.decoding.methods import GenerationParams
 from ragdec.pipelines.types import AUTO, Chunk, Request
 from ragdec.retrieval.langchain import RagdecEmbeddings
 
+from .build import ANSWER_MAX_NEW_TOKENS, DEFAULT_DTYPE, DEFAULT_MODEL, ENGINES, StackSettings, build_stack, open_store
+
 __all__ = ["ChatRagdec", "RagdecLLM", "RagdecRetriever", "RagdecEmbeddings", "to_openai_messages"]
 
-DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_TOKENS = ANSWER_MAX_NEW_TOKENS
 
-# ---- shared, lazily loaded parts --------------------------------------------------------
+# ---- one decode at a time where the engine needs it -------------------------------------
 
-_load_lock = threading.Lock()
-_generators: dict[str, Any] = {}
-_retrievers: dict[str, Any] = {}
+_lock_lock = threading.Lock()
 _decode_locks: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
 
 
-def shared_generator(name: str):
-    """The model ``name``, loaded once per process: every chat model naming it shares it."""
-    with _load_lock:
-        if name not in _generators:
-            from ragdec.decoding.generator import Generator
-
-            _generators[name] = Generator.load(name)
-        return _generators[name]
-
-
-def shared_retriever(store: str):
-    """The store folder ``store``, opened once per process for search."""
-    from pathlib import Path
-
-    key = str(Path(store).expanduser().resolve())
-    with _load_lock:
-        if key not in _retrievers:
-            from ragdec.retrieval.retriever import Retriever
-
-            _retrievers[key] = Retriever.open(key)
-        return _retrievers[key]
-
-
 def _decode_lock(pipeline):
-    """One decode at a time per model: LangChain's ``batch`` runs calls in threads, and a
-    model's kept-prefix store is not safe to share between concurrent decodes. A remote
-    engine's server takes concurrent requests: no lock."""
-    from ragdec.pipelines.remote import RemoteEngine
-
-    if isinstance(getattr(pipeline, "engine", None), RemoteEngine):
+    """One decode at a time per engine: LangChain's ``batch`` runs calls in threads, and an
+    in-process model's kept-prefix store is not safe to share between concurrent decodes.
+    An engine that batches (a remote server, a local engine whose batch is started) takes
+    concurrent streams: no lock. Chat models naming one model share its engine
+    (``build_stack(shared=True)``), and so its lock."""
+    engine = pipeline.engine
+    if engine.batches:
         return contextlib.nullcontext()
-    owner = getattr(pipeline, "generator", None) or pipeline
-    with _load_lock:
-        return _decode_locks.setdefault(owner, threading.Lock())
+    with _lock_lock:
+        return _decode_locks.setdefault(engine, threading.Lock())
 
 
 def serialized_stream(pipeline, requests: Sequence[Request]) -> Iterator[Chunk]:
-    """``pipeline.stream(requests)`` while holding its model's decode lock."""
+    """``pipeline.stream(requests)`` while holding its engine's decode lock."""
     with _decode_lock(pipeline):
         yield from pipeline.stream(requests)
 
@@ -149,6 +127,8 @@ class ChatRagdec(BaseChatModel):
         model: the answer model: a zoo name, a local folder or a hub id. With
             ``engine="openai"``, named or not: the tokenizer that measures prompts (not
             named: an estimate), and ``remote_model`` answers.
+        dtype: the local model's weights: "int4" (the default of every entry point),
+            "float32" (the zoo's weights as they are) or "bfloat16".
         store: a document store built by ``ragdec index build``; None answers from the
             messages alone.
         k, search_mode: passages retrieved per question, and how ("dense", "bm25", "hybrid").
@@ -164,7 +144,7 @@ class ChatRagdec(BaseChatModel):
         base_url, remote_model, api_key: the server's API root (``http://HOST:PORT/v1``),
             the model it answers with, and its key (None: none); for ``engine="openai"``.
         remote_context: the server's context in tokens (None: ``RemoteSettings``'s default).
-        pipeline: a ready pipeline to use instead of building one from the fields above.
+        pipeline: a ready ``RagPipeline`` to use instead of building one from the fields above.
 
     Example::
 
@@ -176,6 +156,7 @@ class ChatRagdec(BaseChatModel):
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
 
     model: str = Field(default=DEFAULT_MODEL, alias="model_name")
+    dtype: str = DEFAULT_DTYPE
     store: str | None = None
     k: int = 5
     search_mode: str = "dense"
@@ -206,10 +187,9 @@ class ChatRagdec(BaseChatModel):
 
     @model_validator(mode="after")
     def _model_of_pipeline(self) -> "ChatRagdec":
-        engine = getattr(self.pipeline, "engine", None)
-        if engine is not None and "model" not in self.model_fields_set:
-            self.model = engine.name
-        if self.engine not in ("local", "openai"):
+        if self.pipeline is not None and "model" not in self.model_fields_set:
+            self.model = self.pipeline.engine.name
+        if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}: choose 'local' (in process) or 'openai' (an OpenAI-compatible server)")
         if self.engine == "openai" and self.pipeline is None:
             if not self.base_url or not self.remote_model:
@@ -228,10 +208,10 @@ class ChatRagdec(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         """Everything that changes an answer: the same params give the same text (greedy)."""
-        remote = {"engine": self.engine, "base_url": self.base_url} if self.engine != "local" else {}
+        where = {"engine": self.engine, "base_url": self.base_url} if self.engine != "local" else {"dtype": self.dtype}
         return {
             "model_name": self.model,
-            **remote,
+            **where,
             "store": self.store,
             "k": self.k,
             "search_mode": self.search_mode,
@@ -280,20 +260,20 @@ class ChatRagdec(BaseChatModel):
 
     def _pipeline(self):
         if self.pipeline is None:
-            from ragdec.pipelines.rag import RagPipeline, RagSettings
-
-            retriever = shared_retriever(self.store) if self.store else None
-            settings = RagSettings(k=self.k, search_mode=self.search_mode, cache_answers=False)
-            self.pipeline = RagPipeline(self._engine(), retriever, settings=settings)
+            self.pipeline = build_stack(self.stack_settings(), shared=True)
         return self.pipeline
 
-    def _engine(self):
-        if self.engine == "local":
-            return shared_generator(self.model)
-        from ragdec.pipelines.remote import RemoteEngine, RemoteSettings
+    def stack_settings(self) -> StackSettings:
+        """The answering stack these fields describe: what ``build_stack`` builds on the
+        first call (a ``pipeline=`` given ready is used as it is). No QA cache: a chat
+        model's answers go to its caller, and LangChain has caches of its own."""
+        from ragdec.pipelines.remote import RemoteSettings
 
-        settings = RemoteSettings(context_length=self.remote_context) if self.remote_context else RemoteSettings()
-        return RemoteEngine(self.base_url, self.remote_model, self.api_key, tokenizer=self._tokenizer, settings=settings)
+        if self.engine == "local":
+            return StackSettings(model=self.model, dtype=self.dtype, store=self.store, k=self.k, search_mode=self.search_mode)
+        remote = RemoteSettings(context_length=self.remote_context) if self.remote_context else None
+        return StackSettings(model=self._tokenizer, engine=self.engine, store=self.store, k=self.k, search_mode=self.search_mode,
+                             base_url=self.base_url, remote_model=self.remote_model, api_key=self.api_key, remote=remote)
 
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any) -> Request:
         model = kwargs.get("model")
@@ -429,7 +409,7 @@ class RagdecRetriever(BaseRetriever):
         if self.retriever is None:
             if not self.store:
                 raise ValueError("RagdecRetriever needs store= (a folder built by `ragdec index build`) or retriever=")
-            self.retriever = shared_retriever(self.store)
+            self.retriever = open_store(self.store, shared=True)
         return self
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,

@@ -26,7 +26,7 @@ arrives too slowly is cut (408), the body's JSON is bounded in depth and number 
 
 Example::
 
-    app = create_app(pipeline, "smollm2-135m-instruct", retriever=pipeline.retriever)
+    app = create_app(pipeline, "smollm2-135m-instruct", engine=pipeline.engine, retriever=pipeline.retriever)
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Sequence
 
@@ -48,7 +49,10 @@ except ImportError as error:  # pragma: no cover - a dependency of ragdec
     raise ImportError("the server needs FastAPI and uvicorn: pip install fastapi==0.163.2 uvicorn==0.54.0") from error
 
 from ragdec.decoding.methods import GenerationParams
+from ragdec.pipelines.engine import Engine
 from ragdec.pipelines.types import AUTO
+
+from .build import ANSWER_MAX_NEW_TOKENS
 
 from .openai_api import (
     DEFAULT_BODY_TIMEOUT,
@@ -75,6 +79,7 @@ def create_app(
     pipeline,
     model_name: str,
     *,
+    engine: Engine | None = None,
     retriever=None,
     defaults: GenerationParams | None = None,
     context_length: int | None = None,
@@ -93,9 +98,12 @@ def create_app(
     Args:
         pipeline: anything with ``stream(requests) -> chunks`` (``RagPipeline``, ``FaqPipeline``).
         model_name: the id clients name in "model" (and GET /v1/models lists).
+        engine: what answers the pipeline's prompts (a ``RagPipeline``'s ``engine``): /health
+            describes it, and with ``max_batch`` > 1 it batches concurrent requests. None:
+            the pipeline decodes on its own (the FAQ service), one request per thread.
         retriever: the store behind POST /v1/retrieve (None: that endpoint says there is none).
         defaults: method, max_new_tokens and knobs of requests that do not set them.
-        context_length: the model's context, the bound of ``max_tokens``.
+        context_length: the bound of ``max_tokens`` (None: the engine's context, or none).
         mode: "rag" or "faq", shown by /health and the web chat.
         max_batch: requests decoding together (1: one at a time).
         max_queue: requests waiting at most; past it, 429 (None: no bound).
@@ -108,28 +116,92 @@ def create_app(
             it, 408 (None: no limit).
         docs: serve FastAPI's /docs, /redoc and /openapi.json.
     """
-    defaults = defaults or GenerationParams(max_new_tokens=256, method=AUTO)
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-    answering = getattr(pipeline, "engine", None)  # a RagPipeline's engine (engine.py); None: the FAQ service decodes
-    generator = getattr(pipeline, "generator", None)  # None for a remote engine: its server batches
-    engine = generator.start_batching(max_batch) if max_batch > 1 and generator is not None else None
-    worker = ModelWorker(threads=max_batch, max_queue=max_queue, deadline_s=request_timeout)
-    started = int(time.time())
-    page = resources.files("ragdec.app").joinpath("static/chat.html").read_text(encoding="utf-8")
+    if engine is not None and max_batch > 1:
+        engine.start_batching(max_batch)
+    serving = _Serving(
+        pipeline=pipeline, model_name=model_name, engine=engine, retriever=retriever,
+        defaults=defaults or GenerationParams(max_new_tokens=ANSWER_MAX_NEW_TOKENS, method=AUTO),
+        context_length=context_length if context_length is not None or engine is None else engine.context_length,
+        mode=mode, max_batch=max_batch, max_queue=max_queue,
+        worker=ModelWorker(threads=max_batch, max_queue=max_queue, deadline_s=request_timeout),
+        max_body_bytes=max_body_kb * 1024, body_timeout=body_timeout, started=int(time.time()),
+    )
+    app = _new_app(serving, api_key, allowed_hosts, docs)
+    _add_error_handlers(app)
+    _add_status_routes(app, serving)
+    _add_chat_route(app, serving)
+    _add_retrieve_route(app, serving)
+    return app
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """What the routes of one app share."""
+
+    pipeline: Any  # stream(requests) -> chunks
+    model_name: str  # the id clients name in "model"
+    engine: Engine | None  # what answers the pipeline's prompts; None: the pipeline decodes on its own
+    retriever: Any  # the store behind POST /v1/retrieve, or None
+    defaults: GenerationParams  # of requests that do not set them
+    context_length: int | None  # the bound of max_tokens; None: none
+    mode: str  # "rag" | "faq"
+    max_batch: int  # requests decoding together
+    max_queue: int | None  # requests waiting at most
+    worker: ModelWorker  # the queue every piece of model work goes through
+    max_body_bytes: int  # the largest request body
+    body_timeout: float | None  # seconds for a body to arrive after its headers
+    started: int  # time.time() at start: the model card's "created"
+
+    async def body_of(self, http: HttpRequest) -> Any:
+        return await read_json(http, self.max_body_bytes, self.body_timeout)
+
+    def health(self) -> tuple[dict, bool]:
+        """/health's body, and whether the server is live (the worker's threads and the
+        engine's batch, when it keeps one, running)."""
+        worker = self.worker
+        batch = self.engine.batch_status() if self.engine is not None else None
+        live = worker.live and (batch is None or batch.alive)
+        figures: dict[str, Any] = {"max_batch": self.max_batch, "rows": batch.rows if batch else worker.running}
+        if batch is not None:
+            figures.update(steps=batch.steps, failed_steps=batch.failed_steps, last_error=batch.last_error or None,
+                           seconds_since_step=round(time.time() - batch.last_step_at, 1) if batch.rows else None)
+        body = {
+            "status": "ok" if live else "down",
+            "model": self.model_name,
+            "engine": self.engine.describe() if self.engine is not None else {"kind": "local"},
+            "mode": self.mode,
+            "store": str(getattr(self.retriever, "folder", "")) or None,
+            "worker": {"live": live, "threads": worker.threads, "batching": batch is not None},
+            "queue": {"waiting": worker.waiting, "running": worker.running, "max_queue": self.max_queue},
+            "batch": figures,
+            "jobs": {k: worker.counts.get(k, 0) for k in ("done", "cancelled", "failed", "expired", "refused")},
+        }
+        return body, live
+
+
+def _new_app(serving: _Serving, api_key: str | None, allowed_hosts: Sequence[str], docs: bool) -> FastAPI:
+    """The FastAPI app behind the gate (Host, key, content type), which stops the worker
+    and the engine's batch when it shuts down."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
-        worker.close()
-        if engine is not None:
-            generator.stop_batching()
+        serving.worker.close()
+        if serving.engine is not None:
+            serving.engine.stop_batching()
 
     shown = {"docs_url": "/docs", "redoc_url": "/redoc", "openapi_url": "/openapi.json"}
     app = FastAPI(title="ragdec", description="OpenAI-compatible answers over a ragdec pipeline", version="0.1.0", lifespan=lifespan,
                   **{name: path if docs else None for name, path in shown.items()})
-    app.state.worker = worker
+    app.state.worker = serving.worker
     app.add_middleware(Gate, api_key=api_key, allowed_hosts=allowed_hosts)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, ``{"error": {...}}``."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_, error: ApiError):
@@ -145,8 +217,11 @@ def create_app(
         message = f"the server failed on this request ({type(error).__name__}): its log has the details"
         return JSONResponse(ApiError(500, message, type="server_error").body, status_code=500)
 
-    async def body_of(http: HttpRequest) -> Any:
-        return await read_json(http, max_body_kb * 1024, body_timeout)
+
+def _add_status_routes(app: FastAPI, serving: _Serving) -> None:
+    """GET /, /health, /v1/models and /v1/models/{id}."""
+    page = resources.files("ragdec.app").joinpath("static/chat.html").read_text(encoding="utf-8")
+    model_name = serving.model_name
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def web_chat():
@@ -154,39 +229,29 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        live = worker.live and (engine is None or engine.alive)
-        batch = {"max_batch": max_batch, "rows": engine.rows if engine else worker.running}
-        if engine is not None:
-            batch.update(steps=engine.steps, failed_steps=engine.failed_steps, last_error=engine.last_error or None,
-                         seconds_since_step=round(time.time() - engine.last_step_at, 1) if engine.rows else None)
-        body = {
-            "status": "ok" if live else "down",
-            "model": model_name,
-            "engine": answering.describe() if answering is not None else {"kind": "local"},
-            "mode": mode,
-            "store": str(getattr(retriever, "folder", "")) or None,
-            "worker": {"live": live, "threads": worker.threads, "batch_engine": engine is not None},
-            "queue": {"waiting": worker.waiting, "running": worker.running, "max_queue": max_queue},
-            "batch": batch,
-            "jobs": {k: worker.counts.get(k, 0) for k in ("done", "cancelled", "failed", "expired", "refused")},
-        }
+        body, live = serving.health()
         return JSONResponse(body, status_code=200 if live else 503)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [_model_card(model_name, started)]}
+        return {"object": "list", "data": [_model_card(model_name, serving.started)]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != model_name:
             raise ApiError(404, f"the model {model_id!r} does not exist here: this server answers with {model_name!r}",
                            "model", "model_not_found")
-        return _model_card(model_name, started)
+        return _model_card(model_name, serving.started)
+
+
+def _add_chat_route(app: FastAPI, serving: _Serving) -> None:
+    """POST /v1/chat/completions: the request queued on the worker, its answer whole or streamed."""
+    worker = serving.worker
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
-        call = parse_chat(await body_of(http), model_name, defaults, context_length)
-        job = _submit(worker, lambda: pipeline.stream([call.request]))
+        call = parse_chat(await serving.body_of(http), serving.model_name, serving.defaults, serving.context_length)
+        job = _submit(worker, lambda: serving.pipeline.stream([call.request]))
         watch = asyncio.create_task(_cancel_on_disconnect(http, job))
         try:
             if call.stream:
@@ -207,9 +272,14 @@ def create_app(
             raise _refusal(last) if last else ApiError(500, "the pipeline ended without an answer", type="server_error")
         return completion_body(call, "".join(texts), last, job.queue_seconds)
 
+
+def _add_retrieve_route(app: FastAPI, serving: _Serving) -> None:
+    """POST /v1/retrieve: the store's passages for a query, searched on the worker."""
+    worker, retriever = serving.worker, serving.retriever
+
     @app.post("/v1/retrieve")
     async def retrieve(http: HttpRequest):
-        body = await body_of(http)
+        body = await serving.body_of(http)
         if retriever is None:
             raise ApiError(400, "this server has no document store: start it with `ragdec serve --store DIR`", None, "no_store")
         query = body.get("query") if isinstance(body, dict) else None
@@ -232,8 +302,6 @@ def create_app(
         data = [{"object": "passage", "rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": h.score,
                  "source": h.passage.source} for h in hits]
         return {"object": "list", "query": query, "mode": search_mode, "data": data}
-
-    return app
 
 
 def _submit(worker: ModelWorker, work):

@@ -7,7 +7,7 @@ the loop on the job's own queue, so no request's chunks can reach another's.
 
 With one thread, jobs run one at a time. With ``threads`` = the batch size, that many
 requests run their pipelines at once (cache lookup, retrieval, the prompt) and their
-decodes meet in the generator's batch (``Generator.start_batching``), which decodes them
+decodes meet in the engine's batch (``Engine.start_batching``), which decodes them
 together. A job whose client went away is cancelled: the worker stops it before its next
 item (the decode loop drops its row between two forward passes). The queue is bounded:
 past ``max_queue`` waiting jobs, ``submit`` refuses (the server answers 429), and a job
@@ -35,7 +35,9 @@ _END = object()  # after a job's last item
 # requests decoding together by default (``ragdec serve --max-batch``): on 2 cores a step
 # over 8 rows costs a fraction of 8 single steps (bench/results/server_load_*.json)
 DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_QUEUE = 64  # requests waiting at most: a minute or two of work at batch 8 on 2 cores
+# requests waiting at most: eight full batches of the default size; past it a client is told to
+# come back later (429) rather than wait on (bench/results/server_load.json: the queue times)
+DEFAULT_MAX_QUEUE = 64
 
 
 class JobFailed(Exception):

@@ -177,9 +177,11 @@ class FaqService:
         service.ask("How do I delete my Instagram account?")     # generated, FAQ answers as references
     """
 
-    def __init__(self, cache: QACache, model: str = DEFAULT_FAQ_MODEL, max_new_tokens: int = 256, cache_generated: bool = True):
+    def __init__(self, cache: QACache, model: str = DEFAULT_FAQ_MODEL, max_new_tokens: int = 256, cache_generated: bool = True,
+                 dtype: str | None = None):
         self.cache = cache
         self.model = model  # zoo name, folder or hub id: also the cache's model key
+        self.dtype = dtype  # the model's weights (``Generator.load``; None: float32); the app passes its default, int4
         self.max_new_tokens = max_new_tokens
         self.cache_generated = cache_generated  # store generated answers for the next asker
         self._generator = None
@@ -189,7 +191,7 @@ class FaqService:
         if self._generator is None:
             from ragdec.decoding.generator import Generator
 
-            self._generator = Generator.load(self.model)
+            self._generator = Generator.load(self.model, self.dtype)
         return self._generator
 
     def ask(self, question: str) -> FaqAnswer:

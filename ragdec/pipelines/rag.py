@@ -31,7 +31,8 @@ from ragdec.decoding.methods import GenerationParams
 
 from .engine import Engine, EngineError, LocalEngine
 from .limits import check_limits
-from .prompts import PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, RequestError, Source, build_prompt, fit_sources, retrieval_query, split_messages, user_message
+from .prompts import (PLAIN_SYSTEM_PROMPT, SYSTEM_PROMPT, Prompt, RequestError, Source, build_prompt, fit_sources, retrieval_query,
+                      split_messages, user_message)
 from .router import Router, default_method
 from .types import AUTO, AnswerInfo, Chunk, Request
 
@@ -45,7 +46,9 @@ log = logging.getLogger(__name__)
 class RagSettings:
     k: int = 5  # passages retrieved per question
     search_mode: str = "dense"  # "dense" | "bm25" | "hybrid"
-    passage_tokens: int = 1024  # the passages' share of the prompt; prefill runs ~130 tokens/s on 2 cores
+    # the passages' share of the prompt: each token is read before the first word of the answer
+    # (bench/results/pipeline_qa.json: ttft_s against mean_prompt_tokens)
+    passage_tokens: int = 1024
     max_prompt_tokens: int = 3072  # history is cut to fit this (oldest turns first)
     system_prompt: str = SYSTEM_PROMPT  # unless the request brings its own
     plain_system_prompt: str = PLAIN_SYSTEM_PROMPT  # the same, for a pipeline without a store
@@ -55,6 +58,20 @@ class RagSettings:
     # answer to a similar question"), so the model sees what it may copy; off: they are the
     # decoder's references only, and a near hit is answered as a miss would be
     near_in_prompt: bool = False
+
+
+@dataclass(frozen=True)
+class _Answering:
+    """What the phases before decoding found out about one request, for its last chunk."""
+
+    index: int  # the request's place in the batch (``Chunk.index``)
+    started: float  # time.perf_counter() when the request came in
+    question: str  # the user's last message: the QA cache's key
+    standalone: bool  # no system prompt, history or references: its answer may be cached
+    outcome: str  # the cache lookup's outcome, as ``AnswerInfo.cache`` tells it ("off": no lookup)
+    cache_warnings: tuple[str, ...]  # what failed in the lookup (answered without the cache)
+    sources: tuple[Source, ...]  # the passages in the prompt
+    retrieval_s: float  # the search's seconds
 
 
 class RagPipeline:
@@ -74,8 +91,6 @@ class RagPipeline:
     def __init__(self, engine: Engine | Generator, retriever=None, cache=None, settings: RagSettings | None = None,
                  router: Router | None = None):
         self.engine: Engine = LocalEngine(engine) if isinstance(engine, Generator) else engine
-        # the in-process model, for what only it can do (PiD groups, the server's batching); None: remote
-        self.generator = self.engine.generator if isinstance(self.engine, LocalEngine) else None
         self.retriever = retriever  # ragdec.retrieval.Retriever, or None to answer from the request alone
         self.cache = cache  # ragdec.cache.QACache, or None
         self.settings = settings or RagSettings()
@@ -98,8 +113,8 @@ class RagPipeline:
         """Indices of the requests answered together, in order of first appearance: those
         sharing everything but the question (system prompt with its document, history,
         references, params) that leave the method to the router or ask for PiD. Only
-        without a store (retrieval gives each question passages of its own), and only in
-        process (a remote engine answers each request on its own).
+        without a store (retrieval gives each question passages of its own), and only by an
+        engine that answers groups (a remote engine answers each request on its own).
 
         Example: [doc+q1, doc+q2, other+q3, doc+q4] -> [[0, 1, 3], [2]].
         """
@@ -107,7 +122,7 @@ class RagPipeline:
         for i, request in enumerate(requests):
             params = request.params
             key: object = ("alone", i)
-            if (self.retriever is None and self.generator is not None and len(request.messages) > 1
+            if (self.retriever is None and self.engine.answers_groups and len(request.messages) > 1
                     and params.method in (AUTO, *BATCH_METHODS)):
                 key = json.dumps(
                     [[dict(m) for m in request.messages[:-1]], list(request.references), params.max_new_tokens,
@@ -116,9 +131,11 @@ class RagPipeline:
             groups.setdefault(key, []).append(i)
         return list(groups.values())
 
-    # ---- one request ------------------------------------------------------------------
+    # ---- one request: its phases --------------------------------------------------------
 
     def _answer(self, index: int, request: Request) -> Iterator[Chunk]:
+        """1. the QA cache, 2. retrieval, 3. the prompt, 4. the engine's answer streamed,
+        5. the write-back to the cache (before the last chunk)."""
         started = time.perf_counter()
         try:
             check_limits(request)
@@ -128,25 +145,43 @@ class RagPipeline:
             return
         # a standalone question over the store: its answer depends on the question alone
         standalone = system is None and not history and not request.references
-        settings = self.settings
-        references: list[str] = list(request.references)
 
         # 1. the QA cache, keyed on the user's question (never on the assembled prompt)
-        outcome = "off"
-        cache_warnings: tuple[str, ...] = ()
-        lookup = None
-        if self.cache is not None and standalone:
-            lookup, cache_warnings = self._look_up(question)
-        if lookup is not None:
-            outcome = lookup.outcome
-            if lookup.served:
-                seconds = time.perf_counter() - started
-                info = AnswerInfo("cache", outcome, seconds=seconds, ttft_s=seconds)
-                yield Chunk(index, lookup.answer, "stop", None, info)
-                return
-            references += lookup.references  # near hit: what still fits gets copied
+        lookup, cache_warnings = self._look_up(question) if self.cache is not None and standalone else (None, ())
+        outcome = lookup.outcome if lookup is not None else "off"
+        if lookup is not None and lookup.served:
+            seconds = time.perf_counter() - started
+            yield Chunk(index, lookup.answer, "stop", None, AnswerInfo("cache", outcome, seconds=seconds, ttft_s=seconds))
+            return
 
         # 2. retrieval, on the question with its context
+        sources, retrieval_s = self._retrieve(question, history, lookup)
+        references = self._references(sources, history, system, request.references, lookup)
+
+        # 3. the prompt: history cut to fit what the answer needs
+        try:
+            prompt = self._prompt(system, history, question, sources, request.params.max_new_tokens)
+        except RequestError as error:
+            yield _error(index, str(error), outcome)
+            return
+
+        # 4. and 5.
+        answering = _Answering(index, started, question, standalone, outcome, cache_warnings, tuple(sources), retrieval_s)
+        yield from self._decode(answering, prompt, request.params, references)
+
+    def _look_up(self, question: str):
+        """The cache's lookup, or None with what went wrong: a shared cache that is down
+        (PostgreSQL unreachable) makes the request a miss, answered all the same."""
+        try:
+            return self.cache.lookup(question, model=self.engine.name, store_version=self.store_version), ()
+        except Exception as error:  # noqa: BLE001 - a cache that cannot be read must not fail the answer
+            log.warning("the QA cache could not be read for %r: %s: %s", question[:80], type(error).__name__, error)
+            return None, (f"the QA cache could not be read, answered without it ({type(error).__name__}: {error})",)
+
+    def _retrieve(self, question: str, history: list, lookup) -> tuple[list[Source], float]:
+        """The passages that fit their budget, numbered [1], [2], ... (the store's, then a
+        near hit's answers when ``near_in_prompt``), and the seconds the search took."""
+        settings = self.settings
         sources: list[Source] = []
         retrieval_s = 0.0
         if self.retriever is not None:
@@ -162,30 +197,39 @@ class RagPipeline:
                  for i, text in enumerate(lookup.references)],
                 settings.passage_tokens, self.engine.count_tokens,
             )
-        # copyable: passages, earlier turns, the caller's system message (where a chain puts
-        # its context), near-hit answers and the caller's references
-        caller_system = [system] if system else []
-        references = [s.text for s in sources] + [m["content"] for m in history] + caller_system + references
+        return sources, retrieval_s
 
-        # 3. the prompt: history cut to fit what the answer needs
-        params = request.params
-        try:
-            limit = self._prompt_limit(params.max_new_tokens)
-            system = system or (settings.system_prompt if self.retriever is not None else settings.plain_system_prompt)
-            prompt = build_prompt(self.engine.template, system, history, user_message(question, sources), limit)
-        except RequestError as error:
-            yield _error(index, str(error), outcome)
-            return
+    @staticmethod
+    def _references(sources: list[Source], history: list, system: str | None, given: Sequence[str], lookup) -> list[str]:
+        """What the decoder may copy: passages, earlier turns, the caller's system message
+        (where a chain puts its context), the caller's references, and a near hit's
+        answers (what still fits gets copied)."""
+        near = list(lookup.references) if lookup is not None else []
+        return [s.text for s in sources] + [m["content"] for m in history] + ([system] if system else []) + list(given) + near
 
-        # 4. answer, streamed
+    def _prompt(self, system: str | None, history: list, question: str, sources: list[Source], max_new_tokens: int) -> Prompt:
+        """The chat templated within the prompt's limit: the caller's system prompt or the
+        pipeline's, the newest history that fits, the numbered passages and the question.
+
+        Raises:
+            RequestError: the question and its passages alone do not fit.
+        """
+        settings = self.settings
+        system = system or (settings.system_prompt if self.retriever is not None else settings.plain_system_prompt)
+        prompt = build_prompt(self.engine.template, system, history, user_message(question, sources),
+                              self._prompt_limit(max_new_tokens))
+        return prompt if settings.reuse_prefix else replace(prompt, prefix_len=0)
+
+    def _decode(self, answering: "_Answering", prompt: Prompt, params: GenerationParams,
+                references: list[str]) -> Iterator[Chunk]:
+        """The engine's answer by the method the router picks, streamed; the last chunk
+        carries the stats and what the pipeline knows, after the write-back."""
+        index, started = answering.index, answering.started
         method = self.engine.method or self.router.choose(params.method, bool(references))
-        params = replace(params, method=method)
-        if not settings.reuse_prefix:
-            prompt = replace(prompt, prefix_len=0)
         first_text_at = None
         texts: list[str] = []
         try:
-            for chunk in self.engine.stream(prompt, params, references):
+            for chunk in self.engine.stream(prompt, replace(params, method=method), references):
                 if chunk.text and first_text_at is None:
                     first_text_at = time.perf_counter()
                 texts.append(chunk.text)
@@ -195,45 +239,38 @@ class RagPipeline:
                     continue
                 # 5. write back, for the next asker: before the last chunk, so that a failed
                 # write is told with the answer instead of failing it after it was sent
-                warnings = cache_warnings
-                answer = "".join(texts).strip()
-                if self.cache is not None and standalone and settings.cache_answers and answer and chunk.finish_reason == "stop":
-                    warnings += self._write_back(question, answer)
+                warnings = answering.cache_warnings + self._maybe_write_back(answering, "".join(texts).strip(), chunk.finish_reason)
                 seconds = time.perf_counter() - started
-                stats = chunk.stats
                 info = AnswerInfo(
-                    method, outcome, tuple(sources), seconds,
+                    method, answering.outcome, answering.sources, seconds,
                     ttft_s=(first_text_at or time.perf_counter()) - started,
-                    retrieval_s=retrieval_s,
-                    tokens_per_s=stats.new_tokens / seconds if seconds > 0 else 0.0,
+                    retrieval_s=answering.retrieval_s,
+                    tokens_per_s=chunk.stats.new_tokens / seconds if seconds > 0 else 0.0,
                     dropped_turns=prompt.dropped_turns,
                     warnings=warnings,
                 )
-                yield Chunk(index, chunk.text, chunk.finish_reason, stats, info)
+                yield Chunk(index, chunk.text, chunk.finish_reason, chunk.stats, info)
         except EngineError as error:  # a remote server unreachable, erring, or cut off mid-answer
             log.info("the engine failed on a request: %s", error)  # the chunk tells it; the server logs it as a warning
             seconds = time.perf_counter() - started
-            info = AnswerInfo(method, outcome, tuple(sources), seconds, ttft_s=(first_text_at or time.perf_counter()) - started,
-                              retrieval_s=retrieval_s, dropped_turns=prompt.dropped_turns, error=str(error), engine_failed=True)
+            info = AnswerInfo(method, answering.outcome, answering.sources, seconds,
+                              ttft_s=(first_text_at or time.perf_counter()) - started, retrieval_s=answering.retrieval_s,
+                              dropped_turns=prompt.dropped_turns, error=str(error), engine_failed=True)
             yield Chunk(index, "", "error", None, info)
         except ValueError as error:  # an unknown method, a prompt over the model's context
-            yield _error(index, str(error), outcome)
+            yield _error(index, str(error), answering.outcome)
 
-    def _look_up(self, question: str):
-        """The cache's lookup, or None with what went wrong: a shared cache that is down
-        (PostgreSQL unreachable) makes the request a miss, answered all the same."""
+    def _maybe_write_back(self, answering: "_Answering", answer: str, finish_reason: str) -> tuple[str, ...]:
+        """Cache a finished answer to a standalone question (when the settings say so);
+        what went wrong, if it failed (the answer is good all the same)."""
+        if not (self.cache is not None and answering.standalone and self.settings.cache_answers and answer
+                and finish_reason == "stop"):
+            return ()
         try:
-            return self.cache.lookup(question, model=self.engine.name, store_version=self.store_version), ()
-        except Exception as error:  # noqa: BLE001 - a cache that cannot be read must not fail the answer
-            log.warning("the QA cache could not be read for %r: %s: %s", question[:80], type(error).__name__, error)
-            return None, (f"the QA cache could not be read, answered without it ({type(error).__name__}: {error})",)
-
-    def _write_back(self, question: str, answer: str) -> tuple[str, ...]:
-        """Cache ``answer``; what went wrong, if it failed (the answer is good all the same)."""
-        try:
-            self.cache.put(question, answer, model=self.engine.name, store_version=self.store_version)
+            self.cache.put(answering.question, answer, model=self.engine.name, store_version=self.store_version)
         except Exception as error:  # noqa: BLE001 - a full disk or a locked database must not fail the answer
-            log.warning("the answer to %r was not written to the QA cache: %s: %s", question[:80], type(error).__name__, error)
+            log.warning("the answer to %r was not written to the QA cache: %s: %s", answering.question[:80],
+                        type(error).__name__, error)
             return (f"the answer was not written to the QA cache ({type(error).__name__}: {error})",)
         return ()
 
@@ -243,10 +280,8 @@ class RagPipeline:
         """Answer requests that share all but the question in one PiD batch: the shared
         prompt prefix (system prompt, document, history) is prefilled once and every answer
         decodes in the same forwards; each row equals what answering it alone gives."""
-        from ragdec.decoding.pid import pid_stream
-
         started = time.perf_counter()
-        rows: list[tuple[int, object]] = []  # (request index, Prompt)
+        rows: list[tuple[int, Prompt]] = []  # (request index, its prompt)
         history: list = []
         for index, request in zip(indices, requests):
             try:
@@ -265,7 +300,7 @@ class RagPipeline:
         method = self.router.choose(first.params.method, bool(references), len(rows), BATCH_METHODS)
         first_text_at: dict[int, float] = {}
         try:
-            chunks = pid_stream(self.generator, [prompt.token_ids for _, prompt in rows], replace(first.params, method=method), references)
+            chunks = self.engine.stream_group([prompt for _, prompt in rows], replace(first.params, method=method), references)
             for row, chunk in chunks:
                 index, prompt = rows[row]
                 if chunk.text and index not in first_text_at:

@@ -33,7 +33,7 @@ from ragdec.decoding.generator import ChatTokenizer, TextChunk
 from ragdec.decoding.methods import GenerationParams
 from ragdec.decoding.seam import DecodeStats
 
-from .engine import EngineError
+from .engine import BatchStatus, EngineError
 from .prompts import Prompt
 from .types import Message
 
@@ -52,7 +52,8 @@ class RemoteSettings:
     context_length: int = 4096
     timeout_s: float = 600.0  # the whole answer, retries included
     # silence allowed between two pieces of the answer; the first comes after the server
-    # reads the prompt (a 3,000-token prompt takes ~25 s on two CPU cores)
+    # reads the prompt, which for a long prompt on a CPU server takes a good part of this
+    # (bench/results/qa_remote_overhead.json: ttft_s, the first text of a `ragdec serve` behind it)
     read_timeout_s: float = 120.0
     connect_timeout_s: float = 10.0
     retries: int = 3  # after a refused connection, a 429 or a 503
@@ -114,6 +115,9 @@ class RemoteEngine:
     """
 
     method = "remote"  # the server decodes its own way: ragdec's router has no say
+    answers_groups = False  # each request on its own: the server has no PiD to share a document's prompt
+    batches = True  # the server takes concurrent requests and batches them its own way
+
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
                  tokenizer: str | ChatTokenizer | None = None, settings: RemoteSettings | None = None):
@@ -142,12 +146,26 @@ class RemoteEngine:
     def close(self) -> None:
         self.client.close()
 
+    # ---- the seam ---------------------------------------------------------------------------
+
     def describe(self) -> dict:
         """What /health shows of it."""
         return {"kind": "remote", "base_url": self.base_url, "model": self.name, "context_length": self.context_length,
                 "tokenizer": "estimate" if isinstance(self.tokens, TokenEstimate) else "model"}
 
-    # ---- the seam ---------------------------------------------------------------------------
+    def start_batching(self, max_batch: int) -> None:
+        """Nothing to start: the server batches concurrent requests its own way."""
+
+    def stop_batching(self) -> None:
+        """Nothing to stop (``start_batching``)."""
+
+    def batch_status(self) -> BatchStatus | None:
+        return None  # the batch is the server's: its own metrics tell of it
+
+    def stream_group(self, prompts: Sequence[Prompt], params: GenerationParams,
+                     references: Sequence[str]) -> Iterator[tuple[int, TextChunk]]:
+        """Refused: ``answers_groups`` is False, so the pipeline sends each request alone."""
+        raise ValueError("a remote engine answers each request on its own: it has no PiD batch to share a document's prompt")
 
     def template(self, messages: Sequence[Message]) -> list[int]:
         return self.tokens.prompt_ids(messages)
@@ -178,47 +196,48 @@ class RemoteEngine:
             body["ragdec"] = {"references": list(references)}
         deadline = time.monotonic() + settings.timeout_s
         response, sent_at = self._send(body, deadline)
-        answer = _Answer(sent_at)
+        reply = _Reply(sent_at)
         try:
             if settings.stream:
-                for event in sse_events(response.iter_lines()):
+                for event in sse_events(_until(response.iter_lines(), deadline)):
                     if event is None:
-                        answer.done = True
+                        reply.done = True
                         break
-                    if text := answer.take(event, self.url):
+                    if text := reply.take(event, self.url):
                         yield TextChunk(text, ())
-                    if time.monotonic() > deadline:
-                        raise EngineError(
-                            f"the remote engine at {self.url} did not finish the answer within {settings.timeout_s:g} s: "
-                            "ask for fewer tokens, or raise --remote-timeout"
-                        )
             else:
                 event = json.loads(response.read())
-                answer.done = True
-                if text := answer.take(event, self.url):
+                reply.done = True
+                if text := reply.take(event, self.url):
                     yield TextChunk(text, ())
         except httpx.TimeoutException:
-            state = "stopped answering" if answer.texts else "did not start answering"
+            state = "stopped answering" if reply.texts else "did not start answering"
             raise EngineError(
                 f"the remote engine at {self.url} {state}: nothing came for {settings.read_timeout_s:g} s "
                 "(--remote-read-timeout): check the server's load, or raise the timeout for long prompts on a slow server"
             ) from None
         except (httpx.TransportError, httpx.StreamError) as error:
             raise EngineError(
-                f"the connection to the remote engine at {self.url} dropped mid-answer after {len(''.join(answer.texts))} "
+                f"the connection to the remote engine at {self.url} dropped mid-answer after {len(''.join(reply.texts))} "
                 f"characters ({type(error).__name__}: {error}): the answer is cut; check the server's log, and ask again"
             ) from None
-        except ValueError as error:  # a body or an event that is not JSON
+        except TimeoutError:  # _until: past the deadline
+            raise EngineError(
+                f"the remote engine at {self.url} did not finish the answer within {settings.timeout_s:g} s: "
+                "ask for fewer tokens, or raise --remote-timeout"
+            ) from None
+        # a body or an event that is not JSON, or JSON not shaped as a chat completion ({"choices": "x"})
+        except (ValueError, TypeError, AttributeError) as error:
             raise EngineError(f"the remote engine at {self.url} sent what is not an OpenAI chat completion ({error}): "
                               "check that --base-url names an OpenAI-compatible API (ending in /v1)") from None
         finally:
             response.close()  # a consumer that stops early closes the connection: the server stops decoding
-        if not answer.done and answer.finish_reason is None:
+        if not reply.done and reply.finish_reason is None:
             raise EngineError(
-                f"the remote engine at {self.url} closed the stream mid-answer after {len(''.join(answer.texts))} characters "
+                f"the remote engine at {self.url} closed the stream mid-answer after {len(''.join(reply.texts))} characters "
                 "(no finish reason, no [DONE]): the answer is cut; check the server's log, and ask again"
             )
-        yield TextChunk("", (), answer.finish_reason or "stop", answer.stats(prompt, self.tokens.count_tokens))
+        yield TextChunk("", (), reply.finish_reason or "stop", reply.stats(prompt, self.tokens.count_tokens))
 
     # ---- one request, retried -----------------------------------------------------------------
 
@@ -299,8 +318,9 @@ class RemoteEngine:
         return said
 
 
-class _Answer:
-    """What one streamed (or whole) answer has brought so far."""
+class _Reply:
+    """What the server's reply to one request (streamed, or whole) has brought so far:
+    the parser's state, not a record (``types.Answer`` is a request's answer put together)."""
 
     def __init__(self, sent_at: float):
         self.sent_at = sent_at
@@ -380,6 +400,16 @@ def sse_events(lines: Iterable[str | bytes]) -> Iterator[dict | None]:
             yield None
             return
         yield json.loads(payload)
+
+
+def _until(lines: Iterable[str], deadline: float) -> Iterator[str]:
+    """``lines`` until ``time.monotonic()`` passes ``deadline``, then TimeoutError: checked at
+    every line, since a server's keep-alive comments (llama-cpp-python's server pings while
+    a request waits for its lock) reset the read timeout but bring no event."""
+    for line in lines:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        yield line
 
 
 def delta_text(event: dict) -> str:

@@ -20,8 +20,8 @@ def default_method(model_name: str) -> str:
     is a big model the zoo pairs with a little one and both are prepared, else ``greedy``.
 
     bild-lossless, not bild: its answers are the big model's own, and it was faster than
-    greedy on every workload measured (bench/results/bild_*.json: 1.14x to 1.42x), while
-    lossy bild lost 6 points of ROUGE-L on SQuAD's short answers. Ask for ``bild`` by name.
+    greedy on every workload measured (bench/results/bild_*.json), while lossy bild lost
+    ROUGE-L on SQuAD's short answers (bench/results/bild_squad.json). Ask for ``bild`` by name.
 
     Example: qwen2.5-coder-1.5b-instruct with qwen2.5-coder-0.5b-instruct prepared ->
     bild-lossless; qwen2.5-coder-0.5b-instruct (no little model) -> greedy.
