@@ -1,6 +1,7 @@
 """`ragdec bench retrieval`: recall and MRR of dense E5, BM25, hybrid and MiniLM on SQuAD;
 build throughput; query latency at 1k and 100k passages; memory per vector; and, with
-``--backend faiss,qdrant``, the same recall and latency on Qdrant beside FAISS's.
+``--backend faiss,qdrant,pgvector``, the same recall and latency on Qdrant and on PostgreSQL
+with pgvector beside FAISS's.
 
 Quality: the 995 SQuAD v1.1 dev paragraphs of ``qa/squad_passages.jsonl`` are indexed as a
 user would (``ragdec index build``: chunking, titles embedded), and each of the 400
@@ -20,6 +21,10 @@ copied into a Qdrant collection (``--qdrant URL``, default ``:memory:``), which 
 same questions; what differs is the search alone (for BM25, also its idf: see
 ``ragdec.retrieval.sparse``). On ``:memory:`` Qdrant is qdrant-client's local mode, a scan
 in Python within this process: its recall is Qdrant's, its latency is not a server's.
+On pgvector (``--pgvector URL``, a real server: ``tests/pgvector_server.py`` starts one)
+dense search is measured twice, through the HNSW index (``e5``) and as an exact scan
+(``e5_exact``, which ranks as FAISS's flat index); its keyword search is PostgreSQL's
+``ts_rank``, which has no idf (see ``ragdec.retrieval.pgvector_store``).
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ from typing import Sequence
 K_VALUES = (1, 5, 10)
 SCALE = 100_000  # passages in the scale test
 NOISE = 0.05  # per-dimension std of the noise on padded vectors (unit vectors: ~1/sqrt(384) = 0.051 per dim)
-BACKENDS = ("faiss", "qdrant")
+BACKENDS = ("faiss", "qdrant", "pgvector")
 BENCH_COLLECTION = "ragdec-bench-retrieval"  # made on --qdrant for the run, deleted after it
+BENCH_TABLE = "ragdec_bench_retrieval"  # made on --pgvector for the run, dropped after it
 # the flags of add_arguments, as run_retrieval_bench's keywords
-FLAGS = ("embedder", "baseline_embedder", "scale", "questions", "nprobe", "latency_queries", "backend", "qdrant")
+FLAGS = ("embedder", "baseline_embedder", "scale", "questions", "nprobe", "latency_queries", "backend", "qdrant",
+         "pgvector")
 
 
 def add_arguments(parser) -> None:
@@ -49,12 +56,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--questions", type=int, help="first N questions only")
     parser.add_argument("--nprobe", type=int, help="IVF cells read per query in the scale test (default nlist // 40)")
     parser.add_argument("--latency-queries", type=int, default=200, help="questions timed one at a time")
-    parser.add_argument("--backend", default="faiss", metavar="faiss,qdrant",
+    parser.add_argument("--backend", default="faiss", metavar="faiss,qdrant,pgvector",
                         help="retrieval backends measured side by side on the same E5 passages and vectors "
                         "(recall of dense, BM25 and hybrid; query latency); FAISS, the workload's own store, always")
     parser.add_argument("--qdrant", default=":memory:", metavar="URL",
                         help=f"the Qdrant measured (collection {BENCH_COLLECTION}, deleted after the run); "
                         ":memory: is qdrant-client's local mode in this process: its latency is not a server's")
+    parser.add_argument("--pgvector", metavar="URL",
+                        help=f"the PostgreSQL with pgvector measured (table ragdec_passages.{BENCH_TABLE}, dropped "
+                        "after the run): postgresql://USER@HOST/DATABASE; python tests/pgvector_server.py starts one")
 
 
 def _qa_dir(data: str | None) -> Path:
@@ -194,23 +204,20 @@ def _index_agreement(flat, ivf, queries) -> float:
     return round(float(sum(len(set(a) & set(e)) for a, e in zip(approx, exact)) / exact.size), 4)
 
 
-def _copy_to_qdrant(source, folder: Path, url: str):
-    """A Qdrant store in ``folder`` holding ``source``'s passages and vectors under the same
-    ids (no embedding: what is compared is the search); returns its target."""
+def _copy_store(source, folder: Path, target) -> None:
+    """A store in ``folder`` at ``target`` (a Qdrant or pgvector target) holding ``source``'s
+    passages and vectors under the same ids (no embedding: what is compared is the search)."""
     from ragdec.retrieval.persistence import Settings
-    from ragdec.retrieval.qdrant_store import QdrantTarget
     from ragdec.retrieval.retriever import Retriever
 
-    target = QdrantTarget(url, BENCH_COLLECTION)
     ids, vectors = source.backend.index.ids_and_vectors()
     passages = source.backend.passages(ids.tolist())
-    # rebuild: replace the collection a run that died left behind
+    # rebuild: replace the collection or table a run that died left behind
     with Retriever.open_for_writing(folder, source.embedder, Settings(**source.manifest.settings), rebuild=True,
                                     qdrant=target) as writer:
         for start in range(0, len(ids), 1024):
             writer.add_passages([passages[int(i)] for i in ids[start : start + 1024]], vectors[start : start + 1024])
         writer.save()
-    return target
 
 
 def measure_backend(retriever, texts: Sequence[str], gold: Sequence[str], timed: Sequence[str]) -> dict:
@@ -225,22 +232,49 @@ def measure_backend(retriever, texts: Sequence[str], gold: Sequence[str], timed:
     }
 
 
+def _recall_at_5_gain(name: str, measured: dict, faiss_measured: dict) -> dict:
+    """What recall@5 each method of ``measured`` gains (negative: loses) against FAISS's
+    (``e5_exact`` against FAISS's ``e5``)."""
+    return {f"{name}_minus_faiss_recall@5": {
+        method: round(scores["recall@5"] - faiss_measured["recall"][method.removesuffix("_exact")]["recall@5"], 4)
+        for method, scores in measured["recall"].items()
+    }}
+
+
 def qdrant_beside(faiss, tmp: Path, texts, gold, timed, url: str, faiss_measured: dict) -> dict:
     """The FAISS store ``faiss`` copied into Qdrant and measured alike; and what recall@5
     Qdrant gains (negative: loses) against FAISS's ``faiss_measured``."""
-    from ragdec.retrieval.qdrant_store import drop
+    from ragdec.retrieval.qdrant_store import QdrantTarget, drop
     from ragdec.retrieval.retriever import Retriever
 
-    target = _copy_to_qdrant(faiss, tmp / "qdrant", url)
+    target = QdrantTarget(url, BENCH_COLLECTION)
     try:
+        _copy_store(faiss, tmp / "qdrant", target)
         with Retriever.open(tmp / "qdrant", faiss.embedder) as qdrant:
             measured = measure_backend(qdrant, texts, gold, timed)
     finally:
         drop(target)
-    return {"qdrant": measured, "qdrant_minus_faiss_recall@5": {
-        method: round(measured["recall"][method]["recall@5"] - scores["recall@5"], 4)
-        for method, scores in faiss_measured["recall"].items()
-    }}
+    return {"qdrant": measured} | _recall_at_5_gain("qdrant", measured, faiss_measured)
+
+
+def pgvector_beside(faiss, tmp: Path, texts, gold, timed, url: str, faiss_measured: dict) -> dict:
+    """The FAISS store ``faiss`` copied into a pgvector table and measured alike, its dense
+    search also as an exact scan (``e5_exact``, ``dense_exact``); and what recall@5 it gains
+    (negative: loses) against FAISS's ``faiss_measured``."""
+    from ragdec.retrieval.pgvector_store import PgvectorTarget, drop
+    from ragdec.retrieval.retriever import Retriever
+
+    target = PgvectorTarget(url, BENCH_TABLE)
+    try:
+        _copy_store(faiss, tmp / "pgvector", target)
+        with Retriever.open(tmp / "pgvector", faiss.embedder) as pgvector:
+            measured = measure_backend(pgvector, texts, gold, timed)
+            pgvector.backend.exact = True
+            measured["recall"]["e5_exact"] = quality(_paragraph_rankings(pgvector, texts, "dense"), gold)
+            measured["latency_ms"]["dense_exact"] = _time_queries(pgvector, timed)
+    finally:
+        drop(target)
+    return {"pgvector": measured} | _recall_at_5_gain("pgvector", measured, faiss_measured)
 
 
 def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> dict:
@@ -262,6 +296,9 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
     unknown = sorted(set(backends) - set(BACKENDS))
     if unknown or not backends:
         raise ValueError(f"--backend {','.join(unknown) or '(none)'}: choose from {','.join(BACKENDS)}")
+    if "pgvector" in backends and not kwargs.get("pgvector"):
+        raise ValueError("--backend pgvector measures a real server: give --pgvector postgresql://USER@HOST/DATABASE "
+                         "(python tests/pgvector_server.py starts one and prints its URL)")
     qa = _qa_dir(data)
     passages_file = qa / "squad_passages.jsonl"
     records = read_jsonl(passages_file)
@@ -293,6 +330,8 @@ def run_retrieval_bench(data: str | None, json_path: str | None, **kwargs) -> di
             if "qdrant" in backends:
                 result["backends"] |= qdrant_beside(retriever, Path(tmp), texts, gold, timed,
                                                      kwargs.get("qdrant") or ":memory:", faiss)
+            if "pgvector" in backends:
+                result["backends"] |= pgvector_beside(retriever, Path(tmp), texts, gold, timed, kwargs["pgvector"], faiss)
         # 2. the baseline embedder, dense only
         baseline = Embedder(baseline_name)
         _, result["build"]["minilm"] = _build_store(passages_file, Path(tmp) / "minilm", baseline)
