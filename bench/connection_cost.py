@@ -1,7 +1,7 @@
 """What one open connection costs `ragdec serve` in memory: the measure behind
 ``ragdec.app.transport.MEASURED_CONNECTION_BYTES`` (and so behind the connection bound).
 
-    python -m bench.connection_cost --json bench/results/connection_cost.json
+    ragdec bench connection-cost --json bench/results/connection_cost.json
 
 What runs: a server in a subprocess on a free 127.0.0.1 port, with ragdec's protocol
 (``server_config``: the header deadline, the lingering close) and a FastAPI app of two
@@ -15,20 +15,17 @@ connections are opened to it and held:
 The cost of a state is the server's resident memory (VmRSS) and the kernel's (TCP buffers
 and unreclaimable slab, both ends of each connection and the machine's other work, so an
 upper bound) after the connections are open, less before, over CONNECTIONS; a fresh
-server for each state. Linux only; bounded: a fixed number
-of connections, loopback only.
+server for each state. Linux only; bounded: a fixed number of connections, loopback only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 CONNECTIONS = 1000
 BODY_SENT = 1024  # of a POST's body, before the connection is held
@@ -127,18 +124,13 @@ def measure() -> dict:
     return {"connections": CONNECTIONS, "body_bytes_sent_in_flight": BODY_SENT, "states": rows}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args()
-    from bench.machine import machine_info
+def run_connection_cost_bench(json_path: str | None = None) -> dict:
+    """Measure both states; print the results and write them to ``json_path``."""
+    from .harness import write_json
+    from .machine import machine_info
 
-    results = {"bench": "connection_cost", "machine": machine_info(), **measure()}
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    result = {"bench": "connection_cost", "machine": machine_info(), **measure()}
+    print(json.dumps(result["states"], indent=2))
+    if json_path:
+        write_json(result, json_path)
+    return result

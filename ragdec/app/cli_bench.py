@@ -39,6 +39,11 @@ def cmd_bench(args) -> int:
 
         run_llamacpp_verify_bench(args.json, args.model, args.data, **given(prompts=args.limit))
         return 0
+    if args.workload == "connection-cost":
+        from ragdec.bench.connection_cost import run_connection_cost_bench
+
+        run_connection_cost_bench(args.json)
+        return 0
     if args.workload == "pid":
         from ragdec.bench.pid import run_pid_bench
 
@@ -113,7 +118,8 @@ def register(subparsers) -> None:
         "or server-load (ragdec serve under concurrent loopback clients; --load rag|chat: once per --max-batch); "
         "or prefill-chunk (what a chunked prefill costs against a decode step); or llamacpp-verify (what a verify "
         "forward of k tokens costs on llama.cpp and whether its rows equal one-at-a-time decoding); or cag-near (duplicate "
-        "questions: the QA cache's near hits as llma's references, greedy vs llma; --limit: pairs, default 40)"
+        "questions: the QA cache's near hits as llma's references, greedy vs llma; --limit: pairs, default 40); or "
+        "connection-cost (what one open connection costs `ragdec serve` in memory)"
     )
     bench.add_argument("--model", help=f"the answer model (default {DEFAULT_MODEL}; server-load without --load: smollm2-135m-instruct)")
     bench.add_argument(

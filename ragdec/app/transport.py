@@ -253,8 +253,8 @@ SHED_RETRY_AFTER = 1  # seconds: connections come and go within that (a lingerin
 # cache's database, logs) and for the connections it sheds while they linger
 DESCRIPTOR_RESERVE = 256
 # what one open connection may hold in memory: its measured cost, idle or with a request in
-# flight, in the process and in the kernel, rounded up to a power of two (python -m
-# bench.connection_cost: bench/results/connection_cost.json), plus what uvicorn buffers of
+# flight, in the process and in the kernel, rounded up to a power of two (ragdec bench
+# connection-cost: bench/results/connection_cost.json), plus what uvicorn buffers of
 # a body before it stops reading (HIGH_WATER_LIMIT) and of a head before h11 refuses it
 MEASURED_CONNECTION_BYTES = 32 * 1024
 CONNECTION_BYTES = MEASURED_CONNECTION_BYTES + HIGH_WATER_LIMIT + DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
@@ -268,8 +268,8 @@ def connection_bound(connection_bytes: int = CONNECTION_BYTES, memory_share: flo
     machine or its container's limit, over ``connection_bytes`` each).
 
     Call ``raise_descriptor_limit`` first: the soft limit is often far below the hard one.
-    Example: 65,536 descriptors with 20 open, and 8 GiB available -> the memory's bound,
-    a quarter of 8 GiB over ``CONNECTION_BYTES``.
+    Example: a soft limit of 65,536 with 20 descriptors open, and 8 GiB available ->
+    min(65,536 - 20 - 256, 2 GiB // ``CONNECTION_BYTES``), the memory's bound.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     by_descriptors = (soft if soft != resource.RLIM_INFINITY else 1 << 20) - _open_descriptors() - DESCRIPTOR_RESERVE
