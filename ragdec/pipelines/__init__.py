@@ -15,7 +15,6 @@ _EXPORTS = {
     "Chunk": "types",
     "Source": "types",
     "AnswerInfo": "types",
-    "Answer": "types",
     "Pipeline": "types",
     "collect": "types",
     "AUTO": "types",

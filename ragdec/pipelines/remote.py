@@ -320,7 +320,7 @@ class RemoteEngine:
 
 class _Reply:
     """What the server's reply to one request (streamed, or whole) has brought so far:
-    the parser's state, not a record (``types.Answer`` is a request's answer put together)."""
+    the parser's state, not a record (what crosses the seam is ``TextChunk``)."""
 
     def __init__(self, sent_at: float):
         self.sent_at = sent_at

@@ -75,18 +75,14 @@ class Pipeline(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A request's chunks put together."""
+def collect(pipeline: Pipeline, requests: Sequence[Request]) -> list[Chunk]:
+    """Run ``requests`` to the end; per request, in order, one ``Chunk`` that joins all of
+    its chunks: the whole text, with the last chunk's finish reason, stats and info (a
+    stream that ended without a last chunk gives finish reason "error" and no info).
 
-    text: str
-    finish_reason: str
-    stats: DecodeStats | None
-    info: AnswerInfo | None
-
-
-def collect(pipeline: Pipeline, requests: Sequence[Request]) -> list[Answer]:
-    """Run ``requests`` to the end; one ``Answer`` per request, in order."""
+    Example: chunks (0, "Par"), (1, "Ber"), (0, "is", "stop"), (1, "lin", "stop") ->
+    [Chunk(0, "Paris", "stop", ...), Chunk(1, "Berlin", "stop", ...)].
+    """
     texts: dict[int, list[str]] = {i: [] for i in range(len(requests))}
     last: dict[int, Chunk] = {}
     for chunk in pipeline.stream(requests):
@@ -96,6 +92,8 @@ def collect(pipeline: Pipeline, requests: Sequence[Request]) -> list[Answer]:
     answers = []
     for i in range(len(requests)):
         end = last.get(i)
-        info = end.info if end is not None else None
-        answers.append(Answer("".join(texts[i]), end.finish_reason if end else "error", end.stats if end else None, info))
+        if end is None:
+            answers.append(Chunk(i, "".join(texts[i]), "error"))
+        else:
+            answers.append(Chunk(i, "".join(texts[i]), end.finish_reason, end.stats, end.info))
     return answers
