@@ -7,7 +7,7 @@ up a server of its own and writes to the user's folders).
 
 Run it alone to keep a server up, e.g. for ``ragdec bench retrieval --backend pgvector``::
 
-    .venv/bin/python tests/pgvector_server.py     # prints the URL; Ctrl-C stops and removes it
+    .venv/bin/python tests/pgvector_server.py     # prints the URL; Ctrl-C (or kill PID) stops and removes it
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ def start() -> PostgresServer:
 
 
 if __name__ == "__main__":
-    import time
+    import signal
+    import sys
 
+    # a server started in the background (``&``) ignores Ctrl-C's SIGINT: SIGTERM stops it too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with start() as server:
-        url = server.create_database("ragdec")
-        print(url, flush=True)
+        print(server.create_database("ragdec"), flush=True)
         try:
-            while True:
-                time.sleep(3600)
+            signal.pause()
         except KeyboardInterrupt:
             pass
