@@ -132,6 +132,21 @@ def test_a_rebuild_swaps_the_table_in_one_transaction(tmp_path, pg_url):
         backend.close()
 
 
+def test_a_reader_whose_connection_was_dropped_opens_it_again(tmp_path, pg_url):
+    record = PgvectorTarget(pg_url, "docs").record()
+    writer = pgvector_store.open_writer(tmp_path, None, record, 4, False)
+    writer.add([Passage(1, "kept", "", "a", "", 0, content_hash("kept"))], _unit_vectors(1))
+    writer.publish(tmp_path, manifest_for(record, passages=1), [1])
+    reader = pgvector_store.open_reader(tmp_path, manifest_for(record, passages=1))
+    with psycopg.connect(pg_url, autocommit=True) as admin:  # what a server restart does to it
+        admin.execute("SELECT pg_terminate_backend(%s)", [reader.conn.info.backend_pid])
+    with pytest.raises(StoreError, match=r"refused a request .*check that the server is running"):
+        reader.passages([1])
+    assert reader.passages([1])[1].text == "kept" and len(reader) == 1
+    reader.close()
+    writer.close()
+
+
 def test_bad_urls_are_one_line_naming_the_url_with_its_password_masked(tmp_path, pgvector, capsys):
     with pytest.raises(StoreError, match="is not a PostgreSQL URL"):
         PgvectorTarget("http://db:5432/rag", "docs")

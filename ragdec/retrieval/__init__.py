@@ -26,6 +26,7 @@ _EXPORTS = {
     "StoreError": "persistence",
     "EmbedderMismatch": "persistence",
     "QdrantTarget": "qdrant_store",
+    "PgvectorTarget": "pgvector_store",
     "Retriever": "retriever",
     "SearchHit": "retriever",
     "ingest": "ingest",

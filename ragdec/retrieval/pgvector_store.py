@@ -222,9 +222,14 @@ class PgvectorBackend:
 
     @contextlib.contextmanager
     def _using(self):
+        """The connection and the table's name, one caller at a time; a connection the
+        server dropped (a restart) is opened again, so a long-running reader recovers."""
         from psycopg import sql
 
         with self._lock, _reaching(self.target):
+            if self.conn.closed:
+                self.conn = _connect(self.target)
+                self._ef_search = 0
             yield self.conn, sql.Identifier(SCHEMA, self.target.table)
 
     def __len__(self) -> int:
