@@ -1,4 +1,4 @@
-"""What a prefill chunk costs: the measurement behind ``engine.DEFAULT_PREFILL_CHUNK``.
+"""What a prefill chunk costs: the measurement behind ``scheduler.DEFAULT_PREFILL_CHUNK``.
 
     ragdec bench prefill-chunk --model qwen2.5-coder-0.5b-instruct --json bench/results/prefill_chunk.json
 

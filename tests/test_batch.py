@@ -8,15 +8,15 @@ import threading
 
 import pytest
 
-from ragdec.decoding.engine import BatchEngine
-from ragdec.decoding.generator import Generation, Generator, TextChunk
+from ragdec.decoding.batch_kv import TransformersRows
+from ragdec.decoding.generator import Generator, TextChunk
 from ragdec.decoding.loop import BatchDecoder
 from ragdec.decoding.methods import GenerationParams
 
 
-def alone(generator: Generator, prompt, params: GenerationParams, references=()) -> Generation:
-    """The request decoded by itself (the batch-of-one loop, no engine)."""
-    assert generator.engine is None
+def alone(generator: Generator, prompt, params: GenerationParams, references=()) -> TextChunk:
+    """The request decoded by itself (the batch-of-one loop, no scheduler)."""
+    assert generator.scheduler is None
     return generator.generate(prompt, params, references)
 
 
@@ -24,10 +24,10 @@ def random_prompt(rng: random.Random, vocab: int, length: int) -> list[int]:
     return [rng.randrange(2, vocab) for _ in range(length)]
 
 
-def run_steps(generator, requests, join_at, prefill_chunk=None, max_rows=None):
-    """Drive a BatchDecoder by hand: request i joins before step ``join_at[i]``. Returns
-    each request's Generation."""
-    decoder = BatchDecoder(generator.model, prefill_chunk=prefill_chunk, max_rows=max_rows)
+def run_steps(generator, requests, join_at, prefill_chunk=None, max_rows=None, rows_kv=TransformersRows, watch=None):
+    """Drive a BatchDecoder by hand: request i joins before step ``join_at[i]``; ``watch``
+    sees the decoder after every step. Returns each request's whole answer."""
+    decoder = BatchDecoder(generator.model, prefill_chunk=prefill_chunk, max_rows=max_rows, rows_kv=rows_kv)
     chunks: dict[int, list[TextChunk]] = {i: [] for i in range(len(requests))}
     texts = {}
     from ragdec.decoding.text import TextStream
@@ -45,11 +45,13 @@ def run_steps(generator, requests, join_at, prefill_chunk=None, max_rows=None):
         for row, block in decoder.step():
             final = block.finish_reason is not None
             chunks[row.key].append(TextChunk(texts[row.key].push(block.token_ids, final), block.token_ids, block.finish_reason, block.stats))
+        if watch is not None:
+            watch(decoder)
         step += 1
-    return [Generation.from_chunks(chunks[i]) for i in range(len(requests))]
+    return [TextChunk.join(chunks[i]) for i in range(len(requests))]
 
 
-def assert_equal(ours: Generation, expected: Generation, what: str):
+def assert_equal(ours: TextChunk, expected: TextChunk, what: str):
     assert ours.token_ids == expected.token_ids, what
     assert (ours.text, ours.finish_reason) == (expected.text, expected.finish_reason), what
 
@@ -73,6 +75,44 @@ def test_rows_joining_mid_decode_equal_alone(tiny_generator, prefill_chunk):
         drafted += ours[i].stats.drafted_tokens
     accepted = sum(g.stats.accepted_tokens for g in ours)
     assert 0 < accepted <= drafted  # copies were made and verified in the batch
+
+
+class CountingRows(TransformersRows):
+    """A second ``RowsKV`` the loop is given (``rows_kv``): the transformers one, counting
+    the forwards it runs for each target model."""
+
+    forwards: dict = {}
+
+    def forward(self, inputs, positions):
+        CountingRows.forwards[id(self.model)] = CountingRows.forwards.get(id(self.model), 0) + 1
+        return super().forward(inputs, positions)
+
+
+def test_rows_with_their_own_target_decode_alone(tiny_generator):
+    """FREE's drafter brings its own target (``Drafter.target``): its rows decode alone on
+    it, the others batch on the model, every answer equals the request alone, and all of
+    it runs through the ``RowsKV`` the decoder was given."""
+    rng = random.Random(17)
+    vocab = len(tiny_generator.tokenizer)
+    free = {"exit_layer": 1, "exit_threshold": 0.0, "adaptive": False, "max_stack": 4}
+    requests = []
+    for i in range(6):
+        method, options = ("free-lossless", free) if i % 3 == 1 else ("greedy", {})
+        params = GenerationParams(max_new_tokens=rng.randrange(4, 20), method=method, options=options)
+        requests.append((random_prompt(rng, vocab, rng.randrange(2, 30)), params, []))
+    together = []
+
+    def watch(decoder):
+        together.append([row.alone for row in decoder.rows])
+
+    CountingRows.forwards = {}
+    ours = run_steps(tiny_generator, requests, [0, 0, 1, 2, 2, 3], rows_kv=CountingRows, watch=watch)
+    for i, (prompt, params, references) in enumerate(requests):
+        assert_equal(ours[i], alone(tiny_generator, prompt, params, references), f"request {i}")
+    assert all(len(rows) == 1 for rows in together if any(rows))  # a row with its own target is alone
+    assert any(len(rows) > 1 for rows in together)  # the others did batch
+    assert sum(g.stats.drafted_tokens for g, r in zip(ours, requests) if r[1].method == "free-lossless") > 0
+    assert CountingRows.forwards.get(id(tiny_generator.model), 0) > 0 and len(CountingRows.forwards) > 1
 
 
 def test_stop_strings_inside_drafts_and_eos(tiny_generator):
@@ -130,10 +170,10 @@ def test_a_cancelled_row_leaves_and_the_others_go_on(tiny_generator):
     assert 0 < len(tokens[1]) < 25
 
 
-def test_engine_serves_concurrent_callers_each_their_own_answer(tiny_tokenizer):
+def test_scheduler_serves_concurrent_callers_each_their_own_answer(tiny_tokenizer):
     from conftest import tiny_causal_lm
 
-    generator = Generator(tiny_causal_lm("qwen2", len(tiny_tokenizer), seed=3), tiny_tokenizer, name="tiny-engine")
+    generator = Generator(tiny_causal_lm("qwen2", len(tiny_tokenizer), seed=3), tiny_tokenizer, name="tiny-scheduler")
     rng = random.Random(21)
     vocab = len(tiny_tokenizer)
     requests = []
@@ -161,7 +201,7 @@ def test_engine_serves_concurrent_callers_each_their_own_answer(tiny_tokenizer):
             thread.start()
         for thread in threads:
             thread.join(60)
-        assert generator.engine.alive and generator.engine.rows == 0
+        assert generator.scheduler.alive and generator.scheduler.rows == 0
     finally:
         generator.stop_batching()
     for i, want in enumerate(expected):
@@ -169,9 +209,9 @@ def test_engine_serves_concurrent_callers_each_their_own_answer(tiny_tokenizer):
     assert isinstance(results[8], ValueError) and "context" in str(results[8])
 
 
-def test_engine_reader_leaving_cancels_its_row(tiny_generator):
+def test_scheduler_reader_leaving_cancels_its_row(tiny_generator):
     generator = Generator(tiny_generator.model, tiny_generator.tokenizer, name="tiny-cancel")
-    engine = generator.start_batching(max_batch=4)
+    scheduler = generator.start_batching(max_batch=4)
     try:
         long = generator.stream([3, 4, 5, 6], GenerationParams(max_new_tokens=200))
         next(long)
@@ -179,10 +219,10 @@ def test_engine_reader_leaving_cancels_its_row(tiny_generator):
         short = generator.generate([7, 8, 9], GenerationParams(max_new_tokens=10))
         assert len(short.token_ids) <= 10
         for _ in range(100):
-            if engine.rows == 0:
+            if scheduler.rows == 0:
                 break
             threading.Event().wait(0.05)
-        assert engine.rows == 0
+        assert scheduler.rows == 0
     finally:
         generator.stop_batching()
 

@@ -1,4 +1,4 @@
-"""The int4 engine configuration: 4-bit weights, row-invariant, lossless methods equal greedy."""
+"""The int4 weight configuration: 4-bit weights, row-invariant, lossless methods equal greedy."""
 
 from __future__ import annotations
 
@@ -148,8 +148,8 @@ def test_lossless_methods_equal_greedy_after_a_long_prompt(int4_tiny):
         assert llma.token_ids == greedy.token_ids
 
 
-def test_the_batch_engines_thread_reads_long_prompts_compiled_as_a_caller_does(int4_tiny, monkeypatch):
-    """A server's prompts are read on the batch engine's own thread: the compiled prompt
+def test_the_batch_schedulers_thread_reads_long_prompts_compiled_as_a_caller_does(int4_tiny, monkeypatch):
+    """A server's prompts are read on the batch scheduler's own thread: the compiled prompt
     path runs there and gives the tokens the caller's thread gets."""
     monkeypatch.setenv(int4.COMPILE_ENV, "1")
     vocab = len(int4_tiny.tokenizer)

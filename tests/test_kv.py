@@ -46,7 +46,7 @@ def test_growing_layers_hold_what_dynamic_cache_holds_through_crops_copies_and_a
             theirs.update(keys, values, 1)
             assert kv_len(before) == kv_len(ours) - count
             _assert_same(before, _cropped(theirs, count))
-        else:  # the batch engine assigns new tensors: the next update starts a new buffer
+        else:  # the batched loop assigns new tensors: the next update starts a new buffer
             for mine, plain in zip(ours.layers, theirs.layers):
                 mine.keys, mine.values = mine.keys[:, :, count:].clone(), mine.values[:, :, count:].clone()
                 plain.keys, plain.values = plain.keys[:, :, count:], plain.values[:, :, count:]

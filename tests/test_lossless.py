@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import noisy_copy, random_prompts
-from ragdec.decoding.generator import Generation, Generator
+from ragdec.decoding.generator import Generator, TextChunk
 from ragdec.decoding.methods import LOSSLESS_METHODS, GenerationParams, registered_methods
 from ragdec.decoding.seam import Drafter
 
@@ -65,7 +65,7 @@ class Case:
     prompt: list[int]
     stop: tuple[str, ...]  # one stop string on every third prompt, from inside greedy's answer
     references: list[str]  # greedy's answer, whole and with tokens replaced
-    expected: Generation  # greedy's answer under ``stop``
+    expected: TextChunk  # greedy's whole answer under ``stop``
 
 
 @pytest.fixture(scope="module")

@@ -40,25 +40,20 @@ def cpu_name() -> str:
 
 @dataclass(frozen=True)
 class TextChunk:
-    text: str  # new text since the previous chunk
-    token_ids: tuple[int, ...]  # new token ids since the previous chunk
+    """Decoded text: a loop's ``Block`` with its text. A stream yields one chunk per block;
+    a whole answer is the one chunk that joins them all (``TextChunk.join``)."""
+
+    text: str  # new text since the previous chunk (the answer's, cut before any stop string)
+    token_ids: tuple[int, ...]  # new token ids since the previous chunk (EOS, a stop string's tokens included)
     finish_reason: str | None = None  # "stop" | "length" on the last chunk
     stats: DecodeStats | None = None  # on the last chunk
 
-
-@dataclass(frozen=True)
-class Generation:
-    text: str  # the answer, cut before any stop string
-    token_ids: tuple[int, ...]  # every generated token, EOS or the stop string's tokens included
-    finish_reason: str  # "stop" | "length"
-    stats: DecodeStats
-
     @classmethod
-    def from_chunks(cls, chunks: Iterable[TextChunk]) -> "Generation":
+    def join(cls, chunks: Iterable["TextChunk"]) -> "TextChunk":
         """The whole answer from one request's stream of chunks (the last carries the end).
 
-        The one place a Generation is assembled: ``Generator.generate``, ``pid_generate``
-        and ``ragdec generate`` (which prints the chunks as they pass) all come here.
+        The one place a whole answer is assembled: ``Generator.generate`` and
+        ``pid_generate`` come here.
         """
         texts: list[str] = []
         token_ids: list[int] = []
@@ -69,14 +64,6 @@ class Generation:
         if last is None or last.finish_reason is None:
             raise ValueError("the stream ended before its last chunk (no finish_reason)")
         return cls("".join(texts), tuple(token_ids), last.finish_reason, last.stats)
-
-    def as_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "token_ids": list(self.token_ids),
-            "finish_reason": self.finish_reason,
-            "stats": self.stats.as_dict(),
-        }
 
 
 DTYPES = ("float32", "bfloat16", "int4")  # int4: 4-bit weights for decoding (int4.py), bfloat16 otherwise
@@ -148,10 +135,10 @@ class Generator(ChatTokenizer):
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
         self.method_state: dict[str, object] = {}  # what a method learns across requests
         self.prefixes = PrefixStore()  # KV of recurring prompt prefixes (see ``stream``)
-        # held around every forward: a batch engine's thread and a caller's own loop (PiD)
-        # may share the model, whose attention setting PiD switches for its forwards
+        # held around every forward: the batch scheduler's thread and a caller's own loop
+        # (PiD) may share the model, whose attention setting PiD switches for its forwards
         self.model_lock = threading.RLock()
-        self.engine = None  # a BatchEngine once ``start_batching``: concurrent callers share its batch
+        self.scheduler = None  # a BatchScheduler once ``start_batching``: concurrent callers share its batch
 
     @classmethod
     def load(cls, name_or_path: str, dtype: str | None = None) -> "Generator":
@@ -186,20 +173,20 @@ class Generator(ChatTokenizer):
 
     def start_batching(self, max_batch: int = 8, prefill_chunk: int | None = None):
         """From now on, ``stream`` calls from any thread join one batch that a thread of its
-        own decodes (continuous batching; see ``engine.py``). ``prefill_chunk``: prompt
+        own decodes (continuous batching; see ``scheduler.py``). ``prefill_chunk``: prompt
         tokens a joining request reads per step while others decode (None: the measured
-        default, ``engine.DEFAULT_PREFILL_CHUNK``). Returns the engine."""
-        from .engine import DEFAULT_PREFILL_CHUNK, BatchEngine
+        default, ``scheduler.DEFAULT_PREFILL_CHUNK``). Returns the scheduler."""
+        from .scheduler import DEFAULT_PREFILL_CHUNK, BatchScheduler
 
         self.stop_batching()
         chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
-        self.engine = BatchEngine(self.model, max_batch, chunk, self.model_lock)
-        return self.engine
+        self.scheduler = BatchScheduler(self.model, max_batch, chunk, self.model_lock)
+        return self.scheduler
 
     def stop_batching(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
 
     def stream(
         self,
@@ -215,9 +202,9 @@ class Generator(ChatTokenizer):
         so only the rest of the prompt is prefilled.
         """
         text = TextStream(self.decode_text, params.stop)
-        engine = self.engine
-        if engine is not None and engine.alive:
-            blocks = engine.submit(lambda: self.row(prompt_ids, params, references, prefix_len))
+        scheduler = self.scheduler
+        if scheduler is not None and scheduler.alive:
+            blocks = scheduler.submit(lambda: self.row(prompt_ids, params, references, prefix_len))
         else:
             blocks = decode(self.model, self.row(prompt_ids, params, references, prefix_len), lock=self.model_lock)
         for block in blocks:
@@ -240,6 +227,6 @@ class Generator(ChatTokenizer):
         params: GenerationParams = GenerationParams(),
         references: Sequence[str] = (),
         prefix_len: int = 0,
-    ) -> Generation:
-        """Decode to the end; return the whole answer with its stats."""
-        return Generation.from_chunks(self.stream(prompt_ids, params, references, prefix_len))
+    ) -> TextChunk:
+        """Decode to the end; return the whole answer (one chunk) with its stats."""
+        return TextChunk.join(self.stream(prompt_ids, params, references, prefix_len))

@@ -1,4 +1,4 @@
-"""The int4 engine configuration: 4-bit weights for the decode step, batch-invariant.
+"""The int4 weight configuration: 4-bit weights for the decode step, batch-invariant.
 
 A CPU decode step reads every weight once per token, so its time is the bytes read:
 qwen2.5-coder-0.5b in float32 reads about 2 GB a step, llama.cpp's Q4_K_M about 0.4 GB,
@@ -8,7 +8,7 @@ kernel for 4-bit weights with groupwise scales and zeros
 projection of one token takes 0.27 ms against float32's 1.7 ms, and 4 tokens 0.50 ms
 against 6.1 ms, so a verify of a draft costs far less on top of the step.
 
-What makes it an engine configuration for lossless methods, and fast at both ends:
+What makes it a weight configuration for lossless methods, and fast at both ends:
 
 - **Row invariance**: the kernel computes each output row the same way whatever the
   number of rows (tested: 1 to 16 rows, bitwise), and ragdec's attention for 16-bit

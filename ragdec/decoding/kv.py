@@ -35,7 +35,7 @@ def _growing_layer_class():
         every step too. Here a step writes only its own positions, converted once. The
         values are those bits either way, so nothing a method computes changes.
 
-        Code that assigns ``keys``/``values`` (cropping views them; the batch engine
+        Code that assigns ``keys``/``values`` (cropping views them; the batched loop
         concatenates rows, pads, selects) is followed: a layer whose keys are no longer a
         view of its buffer copies them into a new one on the next update.
         """

@@ -15,7 +15,7 @@ stats. A step of ``BatchDecoder``:
 A batch of one is the plain case: ``decode`` runs one row to its end, and its forwards
 are exactly those of a lone decode (plain greedy: one token a step, what
 ``model.generate(do_sample=False)`` does, minus its per-step bookkeeping). Rows join
-between steps, so a server can feed requests into a running batch (``engine.py``), and
+between steps, so a server can feed requests into a running batch (``scheduler.py``), and
 PiD is rows that start together on a shared prefix (``start_shared``).
 """
 

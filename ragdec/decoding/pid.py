@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from .generator import Generation, TextChunk
+from .generator import TextChunk
 from .loop import BatchDecoder, Row, check_context
 from .methods import GenerationParams, method_factory, register_method
 from .stopping import StopCondition
@@ -142,13 +142,13 @@ def pid_generate(
     params: GenerationParams = GenerationParams(method="pid"),
     references: Sequence[str] = (),
     share: str = "view",
-) -> list[Generation]:
-    """Answer every prompt in one batch (see ``pid_stream``); one ``Generation`` per prompt,
-    in order."""
+) -> list[TextChunk]:
+    """Answer every prompt in one batch (see ``pid_stream``); one whole answer per prompt
+    (``TextChunk.join``), in order."""
     chunks: list[list[TextChunk]] = [[] for _ in prompts_ids]
     for i, chunk in pid_stream(generator, prompts_ids, params, references, share):
         chunks[i].append(chunk)
-    return [Generation.from_chunks(row) for row in chunks]
+    return [TextChunk.join(row) for row in chunks]
 
 
 # ---- the batched forwards ----------------------------------------------------------------

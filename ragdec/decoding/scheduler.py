@@ -1,8 +1,8 @@
 """Continuous batching: one thread runs the decode loop for every caller of a model.
 
 A server answers many requests at once, each in its own thread (retrieval, the QA cache,
-the prompt), but the model is one: its forwards should be shared. ``BatchEngine`` owns a
-``BatchDecoder`` and steps it in its own thread; a caller's request becomes a row that
+the prompt), but the model is one: its forwards should be shared. ``BatchScheduler`` owns
+a ``BatchDecoder`` and steps it in its own thread; a caller's request becomes a row that
 joins the running batch between two steps, and the row's blocks come back to the caller
 on its own queue, so no caller can see another's tokens. A caller that stops reading
 (its client left) cancels its row, which leaves the batch at the next step; a row whose
@@ -10,8 +10,8 @@ request is bad (a prompt over the context, an unknown method) fails alone.
 
 Example::
 
-    engine = BatchEngine(generator.model, max_batch=8)
-    stream = engine.submit(lambda: Row(...))        # built on the engine's thread
+    scheduler = BatchScheduler(generator.model, max_batch=8)
+    stream = scheduler.submit(lambda: Row(...))     # built on the scheduler's thread
     for block in stream:                            # Blocks, the last with its stats
         ...
 """
@@ -37,7 +37,7 @@ class RowStream:
     """The blocks of one submitted row, in order; iterate it from the submitting thread."""
 
     def __init__(self, make_row: Callable[[], Row]):
-        self.make_row = make_row  # called on the engine's thread: method state is the engine's
+        self.make_row = make_row  # called on the scheduler's thread: method state is the scheduler's
         self.submitted_at = time.perf_counter()
         self.started_at: float | None = None  # when the row joined the decoder
         self._blocks: "queue.Queue[object]" = queue.Queue()
@@ -67,7 +67,7 @@ class RowStream:
             self.cancel()  # the reader stopped early (or finished: then a no-op)
 
 
-class BatchEngine:
+class BatchScheduler:
     """Steps one ``BatchDecoder`` in a thread for all callers.
 
     Args:
@@ -103,9 +103,9 @@ class BatchEngine:
 
     def submit(self, make_row: Callable[[], Row]) -> RowStream:
         """Queue a request; ``make_row`` builds its row (drafter, acceptance, stop) on the
-        engine's thread, and an exception it raises comes back from the stream."""
+        scheduler's thread, and an exception it raises comes back from the stream."""
         if not self.alive:
-            raise RuntimeError("the batch engine has stopped")
+            raise RuntimeError("the batch scheduler has stopped")
         stream = RowStream(make_row)
         self._inbox.put(stream)
         return stream
@@ -115,7 +115,7 @@ class BatchEngine:
         self._inbox.put(None)
         self._thread.join(timeout)
 
-    # ---- the engine's thread ------------------------------------------------------------
+    # ---- the scheduler's thread ---------------------------------------------------------
 
     def _run(self) -> None:
         while not self._closed:
@@ -141,7 +141,7 @@ class BatchEngine:
                 if block.finish_reason is not None:
                     del self._streams[row.key]
         for stream in self._streams.values():
-            stream.put(RuntimeError("the batch engine stopped"))
+            stream.put(RuntimeError("the batch scheduler stopped"))
 
     def _admit(self, block: bool) -> None:
         """Take new requests: wait for one when idle, else take what has arrived."""
