@@ -226,10 +226,11 @@ def calibrate_faq(
     ties go to the stricter policy. The near band starts where ``near_recall`` of the
     paraphrases that found their own FAQ first score above.
 
-    Example (all-minilm-l6-v2, StackFAQ): 1249 paraphrases and 7849 Quora questions;
-    t = 0.474, m = 0.069 serves 1041 paraphrases right and 16 wrong (1.28%, bound 1.92%)
-    and 59 Quora questions (0.75%, bound 0.93%): allowed. t = 0.310 with the same margin
-    serves 8 more paraphrases right but 262 Quora questions (3.3%): not.
+    Example, with the default targets (2% wrong, 1% out of set): 1000 paraphrases and 5000
+    unrelated questions; a threshold t and margin m that serve 830 paraphrases right and 12
+    wrong (1.2%, bound 1.91%) and 30 unrelated questions (0.6%, bound 0.81%) are allowed. A
+    lower t with the same margin that serves 10 more right but 200 unrelated questions (4%)
+    is not. (What the shipped policies serve: bench/results/cache.json, ``stackfaq``.)
     """
     import numpy as np
 

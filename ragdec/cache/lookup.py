@@ -24,9 +24,10 @@ from typing import Sequence
 from .guard import GUARDS, Verdict
 from .store import HUMAN, EmbedderIdentity, Entry, NewEntry, QAStore
 
-# MiniLM rather than E5: on StackFAQ paraphrases it serves 81.6% right at 1.0% wrong where
-# multilingual-e5-small serves 64.0% at 1.5%, and both keep Quora false hits at 0.5%
-# (held out, bench/results/cache.json). E5 remains the choice for questions not in English.
+# MiniLM rather than E5: on StackFAQ paraphrases it serves more right answers with fewer
+# wrong ones than multilingual-e5-small, and both keep held-out Quora false hits within the
+# target (bench/results/cache.json: ``stackfaq`` and ``alternatives``). E5 remains the
+# choice for questions not in English.
 DEFAULT_CACHE_EMBEDDER = "all-minilm-l6-v2"
 CANDIDATES = 16  # nearest entries read per lookup; the valid ones among them are assessed
 

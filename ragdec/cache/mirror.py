@@ -60,7 +60,9 @@ class IndexMirror:
                     vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype="<f4").reshape(len(rows), -1)
                     self.index.add(ids, vectors)
                     self.synced_id = int(ids[-1])
-        if new_centroids is not None:  # kept for the next open: training takes seconds
+        # kept for the next open: training is what makes a large cache slow to open
+        # (bench/results/cache.json, latency_ms.100k: first_open_s against open_s)
+        if new_centroids is not None:
             with store.write() as conn:
                 conn.execute(
                     "INSERT INTO centroids (id, trained_on, nlist, data) VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
@@ -99,8 +101,8 @@ def build_index(conn, ids, vectors):
     to keep: (index, (trained_on, nlist, bytes) or None).
 
     Flat below ``IVF_MIN_VECTORS`` entries (exact). Above, IVF: over the cells stored in the
-    database when they were trained on at least a quarter of today's entries (adding 100k
-    vectors to trained cells takes under a second), else over cells trained now.
+    database when they were trained on at least a quarter of today's entries (adding vectors
+    to trained cells costs far less than training them), else over cells trained now.
     """
     import numpy as np
 

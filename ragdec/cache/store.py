@@ -15,11 +15,12 @@ processes commit (``mirror.py``). Tables:
 - ``llm_cache``: LangChain's exact cache (prompt + llm string -> generations), for
   ``ragdec.cache.langchain``; no embeddings, no semantic hits, as LangChain's contract says.
 - ``centroids``: the trained IVF cells of a large cache, so that reopening it does not
-  retrain (k-means over 100k vectors takes seconds).
+  retrain (k-means is most of a large cache's first open: bench/results/cache.json,
+  ``latency_ms``).
 
 Every write is one transaction that takes the writers' lock up front, so writes are
-serialized (two writers wait for each other; a hit's counter update is about a
-millisecond) and read-then-write steps (replace by key, evict the least recently used) need
+serialized (two writers wait for each other; a hit's counter update is a short
+transaction) and read-then-write steps (replace by key, evict the least recently used) need
 no more locking. A process killed mid-write leaves the last committed state. The tables are
 plain SQL: ``sqlite3 qa-cache.sqlite 'select question, hits from entries'``, or ``psql``.
 """

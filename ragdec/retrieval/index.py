@@ -3,8 +3,8 @@
 Two kinds, chosen by corpus size unless asked for (the choice is recorded in the manifest):
 
 - ``flat`` (``IndexIDMap2`` over ``IndexFlatIP``): exact; every query reads every vector
-  (1.5 KB each at 384 dimensions), which stays within a few milliseconds up to tens of
-  thousands of passages.
+  (1.5 KB each at 384 dimensions), which stays cheap next to embedding the question up to
+  tens of thousands of passages (bench/results/retrieval.json, ``latency_ms``).
 - ``ivf`` (``IndexIVFFlat``, inner product): k-means cells trained on the corpus; a query
   reads the ``nprobe`` nearest cells only. Approximate: a passage in a cell that is not
   probed is missed, so ``nprobe`` trades recall for time.
@@ -24,7 +24,10 @@ from typing import Sequence
 
 from ragdec.files import atomic_path
 
-IVF_MIN_VECTORS = 50_000  # "auto" picks IVF from here on (exact search passes ~10 ms on 2 cores)
+# "auto" picks IVF from here on: exact search grows with the corpus, and at 100k passages
+# costs nearly what embedding the question does (bench/results/retrieval.json,
+# latency_ms.100k: index_ms of dense_flat against dense_ivf)
+IVF_MIN_VECTORS = 50_000
 IVF_TRAIN_PER_CELL = 39  # FAISS warns below 39 training points per cell
 KINDS = ("auto", "flat", "ivf")
 SMALL_QUERY_BATCH = 8  # searched on one thread
@@ -180,8 +183,8 @@ class VectorIndex:
         with self._lock:
             if len(self) == 0 or k <= 0:
                 return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-            # a lone query on busy cores is several times faster on one thread than waiting
-            # for a team (see embedder); the setting is OpenMP's, shared with torch: restore it
+            # a lone query on busy cores is faster on one thread than waiting for a team (see
+            # embedder's SMALL_BATCH); the setting is OpenMP's, shared with torch: restore it
             before = faiss.omp_get_max_threads()
             faiss.omp_set_num_threads(1 if len(queries) <= SMALL_QUERY_BATCH else before)
             try:

@@ -60,9 +60,9 @@ class Settings:
     nprobe: int | None = None  # IVF cells read per query; None: nlist // 40
     chunk_tokens: int = 256  # passage length in embedder tokens (clamped to what it reads)
     overlap_tokens: int = 32  # tokens consecutive passages of a document share
-    # embed "title\ntext"? On SQuAD (bench/retrieval.py) titles cost dense E5 1 point of
-    # recall@5 (0.9375 against 0.95) and gained hybrid 1 (0.975 against 0.965): off, so
-    # vectors stay those of the text a decoder copies from
+    # embed "title\ntext"? On SQuAD (bench/retrieval.py) titles cost dense E5 about as much
+    # recall@5 as they gained hybrid: off, so vectors stay those of the text a decoder
+    # copies from
     embed_titles: bool = False
 
 
