@@ -35,8 +35,9 @@ from .seam import Drafter
 # big model (zoo name) -> its little model: the same family, so the same tokenizer
 LITTLE_MODELS = {"qwen2.5-coder-1.5b-instruct": "qwen2.5-coder-0.5b-instruct"}
 
-# bild-lossless: fallback 0.6, the paper's (the sweep: 0.5 and 0.7 gave 1.09x and 1.10x; 0.3
-# drafts long runs that a float32 verify pays for and rejects: 0.85x)
+# bild-lossless: fallback 0.6, the paper's; 0.5 and 0.7 do about as well, while 0.3 drafts
+# long runs that a float32 verify pays for and rejects, slower than greedy
+# (bench/results/bild_sweep_xsum.json)
 LOSSLESS_DEFAULTS = {"fallback_threshold": 0.6}
 
 
@@ -45,8 +46,8 @@ LOSSLESS_DEFAULTS = {"fallback_threshold": 0.6}
 class BiLDConfig:
     # Below it the little model's token is not trusted and the big model decodes. From the
     # sweep on XSum (bench/results/bild_sweep_xsum.json, 1.5B/0.5B, float32, 2 cores): 0.3
-    # for bild (with rollback 3: 1.62x hf-greedy at ROUGE-L 0.181 against the gold
-    # summaries, greedy's 0.164); bild-lossless uses LOSSLESS_DEFAULTS.
+    # for bild, which with rollback 3 is the fastest setting there and keeps ROUGE-L against
+    # the gold summaries at greedy's or above; bild-lossless uses LOSSLESS_DEFAULTS.
     fallback_threshold: float = knob(0.3, "the little model drafts while its top probability is at least this")
     # A little token stands while p_big(token) >= exp(-rollback_threshold). The paper's code
     # uses about 2 to 5; the sweep: 1 gives back greedy's output at no gain, 2 to 3 keep
@@ -57,8 +58,8 @@ class BiLDConfig:
     max_draft: int = knob(20, "most little-model steps before the big model verifies")
     # zoo name, folder or hub id, or a loaded Generator; None: LITTLE_MODELS
     draft_model: object = knob(None, "the little model, sharing the big model's tokenizer (default: the zoo's pair)")
-    # dynamic quantization: a step of qwen2.5-coder-0.5b takes 34 ms instead of 80 on this
-    # 2-core CPU. It only drafts: the big model decides what stands, so bild-lossless stays
+    # dynamic quantization: a little-model step reads a quarter of float32's weight bytes,
+    # which is what a CPU step's time follows. It only drafts: the big model decides what stands, so bild-lossless stays
     # lossless.
     draft_int8: bool = knob(True, "the little model's linear layers in int8 when it is loaded by name")
 

@@ -1,15 +1,14 @@
 """What a verify forward costs on this machine, and the draft length that pays.
 
-On a GPU a forward over 8 tokens costs about as much as over 1; on a CPU it does not
-(Qwen 0.5B on 2 cores: about 2x), so a draft must be long only where it is likely to
-be accepted. The cost curve is measured once per model and machine and kept in
-``$RAGDEC_HOME/costs/``.
+On a GPU a forward over 8 tokens costs about as much as over 1; on a CPU it does not,
+so a draft must be long only where it is likely to be accepted. The cost curve is
+measured once per model and machine and kept in ``$RAGDEC_HOME/costs/``.
 
 Every draft length is timed: the curve is no straight line. torch's int4 kernel works
-through a forward's positions four at a time, so on qwen2.5-coder-0.5b in int4 (2 cores)
-a forward of 1 token costs 27 ms, 4 tokens 39 ms, 5 to 8 tokens about 65 ms and 9 to 12
-about 92 ms: a staircase. Interpolating between a few timed lengths priced 4 tokens at
-51 ms and 8 at 86 ms, and steered drafts away from the lengths that pay most.
+through a forward's positions four at a time, so in int4 a forward's cost is a
+staircase, flat within each block of four positions and rising between blocks (the
+per-width timings of bench/results/llamacpp_verify.json). Interpolating between a few
+timed lengths mispriced the steps and steered drafts away from the lengths that pay most.
 """
 
 from __future__ import annotations

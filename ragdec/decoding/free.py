@@ -29,23 +29,22 @@ Either way each deep pass yields, for free, pairs (shallow confidence, shallow a
 agree) at every stacked position; ``ExitThreshold`` (free_threshold.py) fits a Beta
 mixture to them and moves ``exit_threshold`` (see there).
 
-Cost, where it goes (qwen2.5-coder-0.5b, float32, 2 cores): greedy's step is 84 ms, 19 ms
-of it the 152k-row LM head. A shallow step at layer 17 of 24 is 47 ms: the layers and an
-exit head that scores only ``exit_vocab`` rows (the first 16,384 token ids and the prompt's
-tokens, 15M multiply-adds instead of 136M). The deep pass over a stack of 1 to 3 tokens is
-about 40 ms, because on this CPU a float32 matmul with 2 or 3 rows costs what one row does;
-with 4 rows or more the head takes a kernel 3x slower, so the deep pass runs it 3 rows at
-a time. An exit therefore saves at most the deep part of a step, 44% at layer 17: FREE on a
-frozen model can at best approach 1/0.56 = 1.8x at a 100% exit rate, and it gets what the
-exit rate gives.
+Cost, where it goes: a greedy step runs every layer and the whole LM head (for
+qwen2.5-coder-0.5b a 152k-row head, a large part of the step). A shallow step runs the
+first ``exit_layer`` layers and an exit head that scores only ``exit_vocab`` rows (the
+first 16,384 token ids and the prompt's tokens, a tenth of the head's multiply-adds). The
+deep pass over a stack of 1 to 3 tokens costs about what one token's does, because on
+these CPUs a float32 matmul with 2 or 3 rows costs what one row does; with 4 rows or more
+the head takes a slower kernel, so the deep pass runs it 3 rows at a time. An exit
+therefore saves at most the deep part of a step (the layers past ``exit_layer``): FREE on
+a frozen model can at best approach the ratio of a full step to a shallow one at a 100%
+exit rate, and it gets what the exit rate gives.
 
 What limits it is agreement, and where it lives. Calibrated on the model's own answers
 (``ragdec free calibrate``), the exit head of qwen2.5-coder-0.5b agrees with the deep model
-on 31% of held-out positions at layer 12, 37% at 16 and 73% at 17; qwen2.5-coder-1.5b
-reaches 54% at layer 22 of 28 (bench/results/free_calibration_*.json). With those exits,
-26% to 40% of tokens leave early on 0.5B and FREE runs at 1.05x to 1.075x greedy's speed
-(free-lossless 1.02x to 1.075x); on 1.5B at 0.94x to 1.05x (free-lossless 0.90x to 1.04x;
-bench/results/free_*.json). The
+on about a third of held-out positions at layers 12 to 16 and on most of them from layer 17
+(bench/results/free_calibration_*.json). With those exits FREE runs close to greedy's
+speed, a little above it on 0.5B and around it on 1.5B (bench/results/free_*.json). The
 paper fine-tunes the whole model for its exits; an adapter on frozen layers only finds
 what the layers already know.
 """
@@ -64,11 +63,11 @@ from .greedy import ExactMatch
 from .methods import knob, method_config, method_options, register_method
 from .seam import Drafter
 
-# free-lossless: the deep pass checks every draft. A wrong one costs its shallow step (47
-# ms on qwen2.5-coder-0.5b at layer 17) and ends the draft; a right one saves the deep
-# part of a step (about 37 ms), so a draft pays from about 0.6. Measured on 8 XSum
-# prompts in one run (bench/results/free_posterior_sweep_xsum.json, where plain
-# free-lossless is 0.5): 1.049x greedy at 0.5, 1.068x at 0.65, 1.091x at 0.8.
+# free-lossless: the deep pass checks every draft. A wrong one costs its shallow step and
+# ends the draft; a right one saves the deep part of a step, which on qwen2.5-coder-0.5b
+# at layer 17 is a little less than the shallow step, so a draft pays from about 0.6. Of
+# 0.5, 0.65 and 0.8, 0.8 was the fastest on XSum
+# (bench/results/free_posterior_sweep_xsum.json, where plain free-lossless is 0.5).
 LOSSLESS_DEFAULTS = {"agree_posterior": 0.8}
 
 
@@ -100,11 +99,10 @@ EXIT_DEPTH = 0.7
 def default_exit_layer(depth: int) -> int:
     """The exit layer when none is given: 0.7 of the depth (17 of qwen2.5-coder-0.5b's 24).
 
-    Measured on qwen2.5-coder-0.5b with adapters calibrated on its own answers (held-out
-    top-1 agreement of the exit head with the deep model): 31% at layer 12, 37% at 16, 73%
-    at 17, 74% at 18, 77% at 20 (bench/results/free_calibration_*.json). Agreement jumps
-    between layers 16 and 17 and creeps after, while each layer more costs the shallow
-    step about 2.6 ms of greedy's 84; 17 is the first layer past the jump.
+    On qwen2.5-coder-0.5b with adapters calibrated on its own answers, the held-out top-1
+    agreement of the exit head with the deep model jumps between layers 16 and 17 and
+    creeps after (bench/results/free_calibration_*.json), while each layer more costs the
+    shallow step one layer's share of a greedy step; 17 is the first layer past the jump.
     """
     return max(1, min(depth - 1, round(depth * EXIT_DEPTH)))
 
@@ -272,9 +270,9 @@ class ShallowDeep:
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         hidden = self.model.model.norm(hidden)
-        # the LM head 3 positions at a time: on CPU a float32 matmul of the 136M-weight head
-        # with 4+ rows takes a kernel 3x slower than with 1 to 3 (19 ms for 3 rows, 59 ms for
-        # 4 on qwen2.5-coder-0.5b); each row's logits are computed the same way either way
+        # the LM head 3 positions at a time: on CPU a float32 matmul of the head with 4+ rows
+        # takes a kernel several times slower than with 1 to 3 (3 rows cost about what 1
+        # does); each row's logits are computed the same way either way
         logits = [self.model.lm_head(part) for part in hidden.split(HEAD_ROWS, dim=1)]
         return SimpleNamespace(logits=torch.cat(logits, dim=1))
 

@@ -146,8 +146,9 @@ class Generator(ChatTokenizer):
 
         Args:
             dtype: "float32" (the default), "bfloat16" or "int4". On CPUs with AMX
-                (``lscpu`` flag amx_bf16) bfloat16 reads prompts 10-18x faster and
-                verifies a draft of six tokens in about the time of one; greedy output
+                (``lscpu`` flag amx_bf16) bfloat16 reads prompts an order of magnitude
+                faster and verifies a draft of six tokens in about the time of one
+                (bench/results/llamacpp_verify.json has each width's time); greedy output
                 may differ from float32's, so compare methods at one dtype. A 16-bit
                 model attends with ``attention.INVARIANT``; bfloat16's linear layers can
                 still make a verified draft differ from greedy in the last bits (see

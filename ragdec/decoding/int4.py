@@ -2,11 +2,12 @@
 
 A CPU decode step reads every weight once per token, so its time is the bytes read:
 qwen2.5-coder-0.5b in float32 reads about 2 GB a step, llama.cpp's Q4_K_M about 0.4 GB,
-which is most of why llama.cpp decodes 4-7x faster on these cores. torch ships a CPU
-kernel for 4-bit weights with groupwise scales and zeros
-(``aten._weight_int4pack_mm_for_cpu``, bfloat16 activations): on 2 cores a 896 x 4864
-projection of one token takes 0.27 ms against float32's 1.7 ms, and 4 tokens 0.50 ms
-against 6.1 ms, so a verify of a draft costs far less on top of the step.
+which is most of why llama.cpp decodes several times faster on these cores. torch ships
+a CPU kernel for 4-bit weights with groupwise scales and zeros
+(``aten._weight_int4pack_mm_for_cpu``, bfloat16 activations), which reads a fifth of
+float32's bytes and takes a few positions for little more than one, so a verify of a
+draft costs far less on top of the step (bench/results/llamacpp_verify.json times each
+width in every weight configuration).
 
 What makes it a weight configuration for lossless methods, and fast at both ends:
 
@@ -21,13 +22,12 @@ What makes it a weight configuration for lossless methods, and fast at both ends
   row (reading a prompt) runs on int8: the weights quantized once per output channel from
   the 4-bit ones, the activations per position as they come, multiplied by oneDNN's
   u8 x s8 kernel, whose VNNI instructions do twice the multiply-adds of bfloat16's per
-  cycle (a 915 x 896 x 4864 product: 11 ms against 23 ms on these cores; a 915-token
-  qwen 0.5B prompt: 1.8 s against 2.4 s). That is llama.cpp's own recipe for prompts (its
+  cycle. That is llama.cpp's own recipe for prompts (its
   dot products quantize the activations to 8 bits too). The projections that read one
   input (q, k, v; gate, up) share its quantization. The elementwise work around the
   products (quantizing an input; in the MLP, applying the steps, the SiLU gating and
-  quantizing the down projection's input, all in one pass) runs compiled (``_Fused``):
-  a 998-token prompt takes 1.61 s against 1.77 s eager. Decode steps and verifies use
+  quantizing the down projection's input, all in one pass) runs compiled (``_Fused``),
+  which reads a prompt faster than the same passes eagerly. Decode steps and verifies use
   the 4-bit kernel. Every method reads its prompt the same way, so they compare.
 
 Quantization: asymmetric 4 bits per weight in groups of 32 along the input dimension
@@ -127,10 +127,10 @@ _compile_prompts = True  # see ``compile_prompts``
 
 def compile_prompts(enabled: bool) -> None:
     """Whether this process compiles the prompt path's elementwise work (``_Fused``);
-    ``RAGDEC_COMPILE`` (1 or 0), when set, decides instead. Compiling costs a process
-    about 3.5 s once (imports and loading the kept kernels; about 20 s on a machine's
-    first run) and saves about 0.16 s on every 1,000 prompt tokens (a 998-token qwen 0.5B
-    prompt: 1.61 s against 1.77 s), so a server or a benchmark gains, and a one-question
+    ``RAGDEC_COMPILE`` (1 or 0), when set, decides instead. Compiling costs a process a
+    few seconds once (imports and loading the kept kernels; far longer on a machine's
+    first run, when inductor compiles them) and saves a little on every prompt token
+    read, so a server or a benchmark that reads many prompts gains, and a one-question
     ``ragdec ask`` turns it off."""
     global _compile_prompts
     _compile_prompts = enabled
@@ -145,10 +145,10 @@ def compiling_prompts() -> bool:
 
 class _Fused:
     """A function of a few elementwise passes, run compiled: torch.compile's inductor fuses
-    them into one C++ loop over the data (quantizing a [998, 4864] activation: 0.65 ms
-    against 4.6 ms eager on these cores). Compiled once per process on first call, with
-    dynamic shapes; inductor keeps the kernels on disk, so a later process loads them in
-    about 3.5 s instead of compiling for about 20 s. ``eager`` computes the same in torch's
+    them into one C++ loop over the data, where eagerly each pass reads and writes the
+    whole activation. Compiled once per process on first call, with dynamic shapes;
+    inductor keeps the kernels on disk, so a later process loads them instead of
+    compiling again. ``eager`` computes the same in torch's
     own kernels, used when compiling is off (``compile_prompts``) or fails (no C++
     compiler, say; with a warning)."""
 
@@ -178,7 +178,7 @@ def quantize_rows(flat):
 
     Written for both ways it runs: compiled, the passes fuse; eagerly, the in-place ops
     work on a float32 copy (converted before the multiply: a bfloat16 x float32 product
-    takes torch's slow mixed-dtype path, 4-5x the time)."""
+    takes torch's slow mixed-dtype path)."""
     import torch
 
     top = flat.abs().amax(1, keepdim=True).float().clamp_(min=1e-6)  # [rows, 1]

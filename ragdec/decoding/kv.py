@@ -102,8 +102,9 @@ class PrefixStore:
     """The KV of prompt prefixes that recur, so that their prefill runs once.
 
     A fixed system prompt opens every RAG request, and in a chat each prompt begins with
-    the previous one's history; on a CPU, where prefill runs at about 130 tokens/s on a
-    0.5B model, re-reading them is most of the time to the first token. The store keeps
+    the previous one's history; on a CPU, where prefill of a 0.5B model reads a long prompt
+    in seconds (bench/results/prefill_chunk.json), re-reading them is most of the time to
+    the first token. The store keeps
     the cache of up to ``capacity`` prefixes (least recently used dropped first) and
     hands out copies.
 
