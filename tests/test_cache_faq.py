@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 
+from cache_fixtures import DATA, cache, embedder  # noqa: F401 - fixtures
 from ragdec.app.cli_cache import register
 from ragdec.cache.faq import FaqService, faq_messages, import_faq, read_faq
-from ragdec.cache.lookup import QACache
-from ragdec.cache.store import EmbedderIdentity, QAStore
 from ragdec.files import read_jsonl
 
-DATA = Path(__file__).parent / "data"  # small samples of the benchmark data
 SMOLLM = "smollm2-135m-instruct"
 FAQ = [
     {
@@ -45,25 +42,11 @@ FAQ = [
 ]
 
 
-@pytest.fixture(scope="module")
-def embedder(minilm):
-    return minilm
-
-
 @pytest.fixture
 def faq_file(tmp_path):
     path = tmp_path / "faq.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in FAQ), encoding="utf-8")
     return path
-
-
-@pytest.fixture
-def cache(qa_location, embedder):
-    """A cache on each backend: SQLite, PostgreSQL."""
-    info = embedder.info
-    store = QAStore.open(qa_location, EmbedderIdentity(info.name, info.version, info.dimension))
-    yield QACache(store, embedder)
-    store.close()
 
 
 def test_read_faq_accepts_one_answer_and_names_bad_lines(tmp_path, faq_file):

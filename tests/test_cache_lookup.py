@@ -5,35 +5,20 @@ calibration on question pairs made from the StackFAQ sample."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cache_fixtures import DATA, cache, embedder  # noqa: F401 - fixtures
 from ragdec.cache import calibration
 from ragdec.cache.faq import read_faq
 from ragdec.cache.lookup import DEFAULT_POLICIES, Candidate, Policy, QACache, assess, decide
-from ragdec.cache.store import HUMAN, EmbedderIdentity, Entry, NewEntry, QAStore
+from ragdec.cache.store import HUMAN, Entry, NewEntry
 from ragdec.decoding.methods import GenerationParams
 
-DATA = Path(__file__).parent / "data"  # small samples of the benchmark data
 MODEL = "qwen2.5-coder-0.5b-instruct"
 # a policy fixed here, so that the tests do not move when the shipped calibration does
 POLICY = Policy(semantic_threshold=0.80, near_threshold=0.55, guard="paraphrase")
-
-
-@pytest.fixture(scope="module")
-def embedder(minilm):
-    return minilm
-
-
-@pytest.fixture
-def cache(qa_location, embedder):
-    """A cache on each backend: SQLite, PostgreSQL."""
-    info = embedder.info
-    store = QAStore.open(qa_location, EmbedderIdentity(info.name, info.version, info.dimension))
-    yield QACache(store, embedder)
-    store.close()
 
 
 def test_exact_semantic_near_and_miss(cache):
