@@ -42,6 +42,7 @@ dequantized) more than llama.cpp's does; compare methods within one configuratio
 
 from __future__ import annotations
 
+
 import logging
 import os
 from functools import lru_cache
@@ -91,25 +92,61 @@ def quantize_rows_int8(weight):
 def unpack_int4(packed, scales_and_zeros, group: int = GROUP):
     """The bfloat16 weights [N, K] that ``quantize_weight``'s kernel operands stand for.
 
-    The CPU packing (torch 2.13) holds each block of 64 output rows as [K, 32] bytes, byte j
-    of input k carrying row j's code in its low nibble and row 32 + j's in its high one;
-    the rows after the last whole block follow as [K, rest / 2] bytes of neighbouring rows
-    (2j low, 2j + 1 high). ``test_int4`` checks this against the kernel's own packing."""
+    The CPU packing (torch 2.13) holds each block of B output rows as [K, B / 2] bytes, byte
+    j of input k carrying row j's code in its low nibble and row B / 2 + j's in its high
+    one; the rows after the last whole block follow as [K, rest / 2] bytes of neighbouring
+    rows (2j low, 2j + 1 high). B is the kernel's block for this CPU (64 with AVX-512, 32
+    with AVX2), read off the packer itself (``_packing``). ``test_int4`` checks this
+    against the kernel's own packing."""
     import torch
 
+    block, halves = _packing()
     n, k = packed.shape[0], packed.shape[1] * 2
-    flat, whole = packed.reshape(-1), n // 64 * 64
+    return _dequantize(_codes(packed.reshape(-1), n, k, block, halves), scales_and_zeros, group)
+
+
+def _codes(flat, n: int, k: int, block: int, halves: bool):
+    """The 4-bit codes [N, K] of a packed weight, for a packing of ``block`` rows a block."""
+    import torch
+
+    whole = n // block * block
     parts = []
     if whole:
-        blocks = flat[: whole * k // 2].reshape(whole // 64, k, 32)
-        parts.append(torch.cat([blocks & 0xF, blocks >> 4], dim=-1).transpose(1, 2).reshape(whole, k))
+        blocks = flat[: whole * k // 2].reshape(whole // block, k, block // 2)
+        if halves:
+            codes = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [blocks, K, block]
+        else:
+            codes = torch.stack([blocks & 0xF, blocks >> 4], dim=-1).reshape(whole // block, k, block)
+        parts.append(codes.transpose(1, 2).reshape(whole, k))
     if n > whole:
         pairs = flat[whole * k // 2:].reshape(k, (n - whole) // 2)
         parts.append(torch.stack([pairs & 0xF, pairs >> 4], dim=-1).reshape(k, n - whole).t())
-    codes = torch.cat(parts)  # [N, K], 0..15
+    return torch.cat(parts)  # [N, K], 0..15
+
+
+def _dequantize(codes, scales_and_zeros, group: int):
+    n, k = codes.shape
     scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # [N, K / group] each
     w = (codes.float().reshape(n, k // group, group) - 8) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
     return w.reshape(n, k).bfloat16()
+
+
+@lru_cache(maxsize=1)
+def _packing() -> tuple[int, bool]:
+    """(rows a block, whether a byte pairs row j with row block / 2 + j) of torch's int4
+    packing on this CPU: the kernel torch picked for the CPU's instruction sets decides it,
+    so it is read off the packer, on random codes of 80 rows (whole blocks and a rest),
+    instead of guessed from the CPU's name."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (80, 2 * GROUP), dtype=torch.int32, generator=generator)
+    flat = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INNER_K_TILES).reshape(-1)
+    for block, halves in ((64, True), (32, True), (64, False), (32, False)):
+        if torch.equal(_codes(flat, 80, 2 * GROUP, block, halves).to(torch.int32), codes):
+            return block, halves
+    raise RuntimeError(f"torch {torch.__version__}'s int4 packing on this CPU is not one ragdec can read: "
+                       "load the model with --dtype float32, or install torch==2.13.0")
 
 
 _last_activations: tuple = (None, None, None, None)  # (input, its version, codes, peak)
