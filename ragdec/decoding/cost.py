@@ -55,7 +55,7 @@ class ForwardCost:
         return best_k
 
 
-def measure_forward_cost(model, context_len: int = 512, repeats: int = 5) -> ForwardCost:
+def measure_forward_cost(model, context_len: int = 512, repeats: int = 5, progress: bool = False) -> ForwardCost:
     """Time forwards of 1 + k tokens on a cache of ``context_len`` positions, for every
     k from 0 to ``MAX_DRAFT``.
 
@@ -65,6 +65,7 @@ def measure_forward_cost(model, context_len: int = 512, repeats: int = 5) -> For
     non-decreasing in k, as a longer forward never costs less.
     """
     import torch
+    from tqdm import tqdm
 
     from .kv import crop_to, new_cache
 
@@ -78,22 +79,26 @@ def measure_forward_cost(model, context_len: int = 512, repeats: int = 5) -> For
         cache = new_cache(model)
         model(input_ids=context, past_key_values=cache, use_cache=True, logits_to_keep=1)
         blocks = [torch.randint(0, vocab, (1, k + 1), generator=generator) for k in range(MAX_DRAFT + 1)]
+        bar = tqdm(total=(repeats + 1) * len(blocks), desc="timing draft lengths", unit="forward", disable=not progress)
         for round_ in range(repeats + 1):  # round 0 is a warm-up
-            for k, block in enumerate(blocks):  # lengths interleaved: a burst of other work hits few of one length's runs
+            for k, block in enumerate(blocks):
+                bar.update()  # lengths interleaved: a burst of other work hits few of one length's runs
                 start = time.perf_counter()
                 model(input_ids=block, past_key_values=cache, use_cache=True, logits_to_keep=k + 1)
                 if round_:
                     best[k] = min(best[k], time.perf_counter() - start)
                 crop_to(cache, context_len)
+        bar.close()
     return ForwardCost(tuple(max(best[: k + 1]) for k in range(len(best))))
 
 
 _MEMO: dict[str, ForwardCost] = {}
 
 
-def forward_cost(model, model_name: str) -> ForwardCost:
+def forward_cost(model, model_name: str, progress: bool = False) -> ForwardCost:
     """The model's cost curve: from memory, from the on-disk record, or measured now
-    (a few seconds, once per model, machine and thread count)."""
+    (once per model, weight configuration, machine and thread count). `ragdec models
+    prepare` measures it, so that a first request does not wait for it."""
     import torch
 
     from ragdec.models.home import ragdec_home
@@ -113,7 +118,7 @@ def forward_cost(model, model_name: str) -> ForwardCost:
             raise ValueError(f"{path} holds an older curve")
         cost = ForwardCost(tuple(record["seconds"]))
     except (OSError, ValueError, KeyError, AttributeError):
-        cost = measure_forward_cost(model)
+        cost = measure_forward_cost(model, progress=progress)
         write_json({"model": model_name, "version": CURVE_VERSION, "seconds": cost.seconds}, path)
     _MEMO[key] = cost
     return cost
