@@ -232,10 +232,14 @@ class RemoteEngine:
                               "check that --base-url names an OpenAI-compatible API (ending in /v1)") from None
         finally:
             response.close()  # a consumer that stops early closes the connection: the server stops decoding
-        if not reply.done and reply.finish_reason is None:
+        # a stream's [DONE] without a finish reason is a cut too: llama-cpp-python's server ends an
+        # answer so when another request comes (unless it runs with --interrupt_requests False)
+        if reply.finish_reason is None and (settings.stream or not reply.done):
+            got = len("".join(reply.texts))
             raise EngineError(
-                f"the remote engine at {self.url} closed the stream mid-answer after {len(''.join(reply.texts))} characters "
-                "(no finish reason, no [DONE]): the answer is cut; check the server's log, and ask again"
+                f"the remote engine at {self.url} ended the stream {f'mid-answer after {got} characters' if got else 'before any text'} "
+                "without a finish reason: the answer is cut; check the server's log, and ask again (llama-cpp-python's "
+                "server does this to a prompt over its context: see --remote-context)"
             )
         yield TextChunk("", (), reply.finish_reason or "stop", reply.stats(prompt, self.tokens.count_tokens))
 
