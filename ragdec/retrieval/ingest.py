@@ -168,9 +168,10 @@ def _ingest(retriever, paths, read_options, progress, prune, warn) -> IngestRepo
     _embed_and_add(retriever, pending.passages, progress)
     embed_seconds = time.perf_counter() - embed_started
     # 6: links and file records, once every passage they point to is in
-    retriever.documents.add([], pending.links)
+    store = retriever.documents
+    store.add([], pending.links)
     for source in pending.files:
-        retriever.documents.record_source(source)
+        store.record_source(source)
     return IngestReport(
         files_indexed=len(pending.files),
         files_unchanged=tally.unchanged,
