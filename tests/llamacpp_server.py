@@ -56,7 +56,10 @@ class LlamaCppServer:
         self.url = f"http://127.0.0.1:{port}/v1"
 
     @classmethod
-    def start(cls, gguf: Path, alias: str, n_ctx: int = 2048) -> "LlamaCppServer":
+    def start(cls, gguf: Path, alias: str, n_ctx: int = 2048, interrupt_requests: bool = False) -> "LlamaCppServer":
+        """``interrupt_requests``: the server's own default (True) ends a streamed answer when
+        another request comes; off here unless a test asks, so that each test's answers
+        are cut only by that test."""
         from ragdec.bench.server_load import free_port
 
         check_installed()
@@ -64,9 +67,10 @@ class LlamaCppServer:
         log = Path(tempfile.mkstemp(prefix="ragdec-llamacpp-", suffix=".log")[1])
         settings = {"model": str(gguf), "model_alias": alias, "host": "127.0.0.1", "port": port, "n_ctx": n_ctx,
                     "n_batch": 512, "n_threads": THREADS, "n_threads_batch": THREADS, "verbose": False,
-                    # a request is never cut short by the next one: the tests ask one at a time, and a
-                    # cut answer must come from the test that cuts it
-                    "interrupt_requests": False}
+                    # the last position's logits only, as llama_cpp.Llama computes by default: the
+                    # server's default (all positions) runs the output layer over other batches
+                    "logits_all": False,
+                    "interrupt_requests": interrupt_requests}
         command = [sys.executable, "-m", "llama_cpp.server", *(f"--{key}={value}" for key, value in settings.items())]
         with log.open("wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
