@@ -16,7 +16,12 @@ prefill, decode: what a user waits), median over questions; ``decode_tokens_per_
 decode phase alone (as in the decoding benchmarks).
 
 qa through a remote engine (``--engine``): ``openai`` asks the questions through the
-OpenAI-compatible server at ``--base-url`` (retrieval and prompts here, the model there);
+OpenAI-compatible server at ``--base-url`` (retrieval and prompts here, the model there),
+and with ``--methods`` those methods of ``--model`` in process beside it, alternating per
+question over the same retrieval, the first the reference: llama.cpp's greedy served by
+llama-server against ragdec's greedy and llma on the same GGUF, ``identical_to_greedy``
+telling how often the server's answer is ragdec's greedy's (llama-cpp-python's server at
+temperature 0 still penalizes repeats by default: tests/llamacpp_server.py);
 ``loopback`` measures what the remote path costs: `ragdec serve` of the same model on
 127.0.0.1 (one request at a time, the same method), and each question answered in process
 and through it, alternating, over the same retrieval here; ``remote_overhead`` has the
@@ -176,9 +181,10 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
     Args:
         dtype: the local model's weights (``Generator.load``; None: float32).
         engine: "local" (``methods`` in process), "openai" (through the server at
-            ``base_url`` answering with ``remote_model``; ``model``'s tokenizer measures the
-            prompts) or "loopback" (one method in process and through `ragdec serve` of
-            ``model`` on 127.0.0.1, alternating).
+            ``base_url`` answering with ``remote_model``, ``model``'s tokenizer measuring the
+            prompts; ``methods`` given, they run in process on ``model`` beside it) or
+            "loopback" (one method in process and through `ragdec serve` of ``model`` on
+            127.0.0.1, alternating).
     """
     from tqdm import tqdm
 
@@ -196,11 +202,12 @@ def run_qa_bench(data: str | None, json_path: str | None, *, model: str, methods
     root = data_dir(data)
     questions = read_jsonl(root / "qa" / "squad_questions.jsonl")[: limit or None]
     specs = _methods(methods)
+    if not methods and engine != "local":  # loopback compares one method; openai without --methods: the server alone
+        specs = specs[:1] if engine == "loopback" else []
     with tempfile.TemporaryDirectory(prefix="ragdec-bench-qa-") as tmp, contextlib.ExitStack() as stack:
         retriever = _qa_store(root, Path(store) if store else Path(tmp) / "squad")
         stack.callback(retriever.close)
-        runs = _qa_runs(engine, specs if methods or engine != "loopback" else specs[:1], model, retriever,
-                        RagSettings(k=k), base_url, remote_model, stack, dtype)
+        runs = _qa_runs(engine, specs, model, retriever, RagSettings(k=k), base_url, remote_model, stack, dtype)
         if retriever.documents is None:  # a Qdrant store opened from its manifest alone
             raise ValueError(f"bench qa reads which passage is whose from the store's documents file, which {store} lacks: "
                              "pass the folder the store was built in, or leave --store out")
@@ -267,13 +274,18 @@ def _qa_runs(engine: str, specs, model: str, retriever, settings, base_url: str 
     if engine == "openai":
         if not base_url or not remote_model:
             raise ValueError("--engine openai needs --base-url URL and --remote-model NAME")
-        remote = RemoteEngine(base_url, remote_model, tokenizer=model)
-        stack.callback(remote.close)
-        return [("remote", RagPipeline(remote, retriever, settings=settings), AUTO, {})]
-    generator = Generator.load(model, dtype)
-    local = RagPipeline(generator, retriever, settings=settings)
+        if specs and not model:
+            raise ValueError("--engine openai with --methods runs them in process beside the server: name their model with "
+                             "--model (the one the server runs, to compare like with like)")
+    generator = Generator.load(model, dtype) if engine != "openai" or specs else None
+    local = RagPipeline(generator, retriever, settings=settings) if generator else None
+    in_process = [(label, local, name, options) for label, name, options in specs]
     if engine == "local":
-        return [(label, local, name, options) for label, name, options in specs]
+        return in_process
+    if engine == "openai":  # the local side first: the reference the server's answers are compared with
+        remote = RemoteEngine(base_url, remote_model, tokenizer=ChatTokenizer(generator.tokenizer) if generator else model)
+        stack.callback(remote.close)
+        return [*in_process, ("remote", RagPipeline(remote, retriever, settings=settings), AUTO, {})]
     (label, name, options), *others = specs
     if others or options:
         raise ValueError(f"--engine loopback compares one method without knobs, in process and served: give --methods {name}")
