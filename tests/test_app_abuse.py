@@ -102,7 +102,7 @@ def test_serve_flags_reach_the_app_and_uvicorn(monkeypatch):
                                       "--max-body-kb", "64", "--body-timeout", "5", "--header-timeout", "2", "--max-connections", "10"])
     settings = access_settings(args)
     assert settings == {"api_key": None, "allowed_hosts": ["a.example", "b.example:8443"], "max_body_kb": 64, "body_timeout": 5.0,
-                        "docs": False}
+                        "docs": False, "metrics_public": False}
     assert any("without an API key" in warning for warning in exposure_warnings(args))
     monkeypatch.setenv("RAGDEC_API_KEY", "from-the-environment")
     assert access_settings(args)["api_key"] == "from-the-environment" and exposure_warnings(args) == []

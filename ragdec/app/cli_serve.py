@@ -71,7 +71,7 @@ def access_settings(args) -> dict:
     if _address(args.host) is None and args.host not in ("localhost", ""):
         hosts.append(args.host)  # the name it was started with (an address is allowed at its port anyway)
     return {"api_key": api_key(args), "allowed_hosts": hosts, "max_body_kb": args.max_body_kb,
-            "body_timeout": args.body_timeout or None, "docs": args.docs}
+            "body_timeout": args.body_timeout or None, "docs": args.docs, "metrics_public": args.metrics_public}
 
 
 def exposure_warnings(args) -> list[str]:
@@ -149,5 +149,7 @@ def register(subparsers) -> None:
                         help="open connections at most; one past it gets 503 with Retry-After (default: as many as the "
                         "descriptor limit and a quarter of the free memory allow; 0: no bound)")
     access.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json (default: off)")
+    access.add_argument("--metrics-public", action="store_true", help="serve GET /metrics without the API key, for a "
+                        "Prometheus scraper that sends none (default: /metrics needs the key when there is one)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(func=cmd_serve)

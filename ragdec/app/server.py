@@ -5,6 +5,8 @@
                                 sources, cache outcome and decoding stats
     GET  /v1/models             the one model served
     POST /v1/retrieve           {"query", "k", "mode"} -> the store's passages
+    POST /v1/embeddings         OpenAI's schema, from the store's embedder (``embeddings.py``)
+    GET  /metrics               Prometheus' text format (``metrics.py``)
     GET  /health                model, engine (local or remote), queue, and what became of the jobs
     GET  /                      the web chat (one static page)
 
@@ -42,7 +44,7 @@ from typing import Any, Sequence
 
 try:
     from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 except ImportError as error:  # pragma: no cover - a dependency of ragdec
@@ -67,6 +69,8 @@ from .openai_api import (
     parse_body,
     parse_chat,
 )
+from .embeddings import embed, embeddings_body, parse_embeddings, token_counts
+from .metrics import ServerMetrics
 from .transport import CLOSE, BackgroundServer, Gate, host_allowed, server_config
 from .worker import DEFAULT_MAX_QUEUE, JobExpired, JobFailed, ModelWorker, QueueFull
 
@@ -92,6 +96,7 @@ def create_app(
     max_body_kb: int = DEFAULT_MAX_BODY_KB,
     body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
     docs: bool = False,
+    metrics_public: bool = False,
 ) -> FastAPI:
     """The server's app over ``pipeline``.
 
@@ -115,24 +120,27 @@ def create_app(
         body_timeout: seconds from the end of the headers to the end of the body; past
             it, 408 (None: no limit).
         docs: serve FastAPI's /docs, /redoc and /openapi.json.
+        metrics_public: serve /metrics without the API key (a scraper inside the network).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     if engine is not None and max_batch > 1:
         engine.start_batching(max_batch)
+    worker = ModelWorker(threads=max_batch, max_queue=max_queue, deadline_s=request_timeout)
     serving = _Serving(
         pipeline=pipeline, model_name=model_name, engine=engine, retriever=retriever,
         defaults=defaults or GenerationParams(max_new_tokens=ANSWER_MAX_NEW_TOKENS, method=AUTO),
         context_length=context_length if context_length is not None or engine is None else engine.context_length,
         mode=mode, max_batch=max_batch, max_queue=max_queue,
-        worker=ModelWorker(threads=max_batch, max_queue=max_queue, deadline_s=request_timeout),
+        worker=worker, metrics=ServerMetrics(running=lambda: worker.running, waiting=lambda: worker.waiting),
         max_body_bytes=max_body_kb * 1024, body_timeout=body_timeout, started=int(time.time()),
     )
-    app = _new_app(serving, api_key, allowed_hosts, docs)
-    _add_error_handlers(app)
+    app = _new_app(serving, api_key, allowed_hosts, docs, metrics_public)
+    _add_error_handlers(app, serving.metrics)
     _add_status_routes(app, serving)
     _add_chat_route(app, serving)
     _add_retrieve_route(app, serving)
+    _add_embeddings_route(app, serving)
     return app
 
 
@@ -150,6 +158,7 @@ class _Serving:
     max_batch: int  # requests decoding together
     max_queue: int | None  # requests waiting at most
     worker: ModelWorker  # the queue every piece of model work goes through
+    metrics: ServerMetrics  # what GET /metrics shows
     max_body_bytes: int  # the largest request body
     body_timeout: float | None  # seconds for a body to arrive after its headers
     started: int  # time.time() at start: the model card's "created"
@@ -181,7 +190,8 @@ class _Serving:
         return body, live
 
 
-def _new_app(serving: _Serving, api_key: str | None, allowed_hosts: Sequence[str], docs: bool) -> FastAPI:
+def _new_app(serving: _Serving, api_key: str | None, allowed_hosts: Sequence[str], docs: bool,
+             metrics_public: bool) -> FastAPI:
     """The FastAPI app behind the gate (Host, key, content type), which stops the worker
     and the engine's batch when it shuts down."""
 
@@ -196,15 +206,16 @@ def _new_app(serving: _Serving, api_key: str | None, allowed_hosts: Sequence[str
     app = FastAPI(title="ragdec", description="OpenAI-compatible answers over a ragdec pipeline", version="0.1.0", lifespan=lifespan,
                   **{name: path if docs else None for name, path in shown.items()})
     app.state.worker = serving.worker
-    app.add_middleware(Gate, api_key=api_key, allowed_hosts=allowed_hosts)
+    app.add_middleware(Gate, api_key=api_key, allowed_hosts=allowed_hosts, metrics_public=metrics_public)
     return app
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    """Every error in OpenAI's shape, ``{"error": {...}}``."""
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    """Every error in OpenAI's shape, ``{"error": {...}}``, counted in /metrics."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_, error: ApiError):
+        metrics.observe_refusal(error.status)
         return JSONResponse(error.body, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -215,6 +226,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _server_error(_, error: Exception):  # a bug of ours: still in OpenAI's shape, details in the log
         message = f"the server failed on this request ({type(error).__name__}): its log has the details"
+        metrics.observe_refusal(500)
         return JSONResponse(ApiError(500, message, type="server_error").body, status_code=500)
 
 
@@ -243,6 +255,11 @@ def _add_status_routes(app: FastAPI, serving: _Serving) -> None:
                            "model", "model_not_found")
         return _model_card(model_name, serving.started)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        body, content_type = serving.metrics.render()
+        return Response(body, media_type=content_type)
+
 
 def _add_chat_route(app: FastAPI, serving: _Serving) -> None:
     """POST /v1/chat/completions: the request queued on the worker, its answer whole or streamed."""
@@ -250,14 +267,16 @@ def _add_chat_route(app: FastAPI, serving: _Serving) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest):
+        arrived = time.perf_counter()
         call = parse_chat(await serving.body_of(http), serving.model_name, serving.defaults, serving.context_length)
         job = _submit(worker, lambda: serving.pipeline.stream([call.request]))
         watch = asyncio.create_task(_cancel_on_disconnect(http, job))
+        items = _observed(job, serving.metrics, arrived)
         try:
             if call.stream:
-                return await _stream(call, job)
+                return await _stream(call, job, items)
             texts, last = [], None
-            async for chunk in job.items():
+            async for chunk in items:
                 texts.append(chunk.text)
                 if chunk.finish_reason is not None:
                     last = chunk
@@ -302,6 +321,30 @@ def _add_retrieve_route(app: FastAPI, serving: _Serving) -> None:
         data = [{"object": "passage", "rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": h.score,
                  "source": h.passage.source} for h in hits]
         return {"object": "list", "query": query, "mode": search_mode, "data": data}
+
+
+def _add_embeddings_route(app: FastAPI, serving: _Serving) -> None:
+    """POST /v1/embeddings: the store's embedder, on the worker (``embeddings.py``)."""
+    worker = serving.worker
+    embedder = serving.retriever.embedder if serving.retriever is not None else None
+
+    @app.post("/v1/embeddings")
+    async def embeddings(http: HttpRequest):
+        body = await serving.body_of(http)
+        if embedder is None:
+            raise ApiError(400, "this server has no embedder: start it with `ragdec serve --store DIR`, whose "
+                           "embedder it serves", None, "no_store")
+        call = parse_embeddings(body, embedder.info.name)
+        tokens = token_counts(embedder, call.texts, embedder.info.max_tokens)
+        job = _submit(worker, lambda: [embed(embedder, call)])
+        try:
+            vectors = [vectors async for vectors in job.items()][0]
+        except JobFailed as error:
+            raise ApiError(500, f"embedding failed: {error}", None, None, "server_error") from error
+        except JobExpired as error:
+            worker.counts["expired"] += 1
+            raise _expired(error) from None
+        return embeddings_body(call, embedder.info.name, vectors, tokens)
 
 
 def _submit(worker: ModelWorker, work):
@@ -376,11 +419,23 @@ async def _cancel_on_disconnect(http: HttpRequest, job) -> None:
         await asyncio.sleep(0.25)
 
 
-async def _stream(call: ChatCall, job) -> StreamingResponse | JSONResponse:
+async def _observed(job, metrics: ServerMetrics, arrived: float):
+    """``job``'s chunks, counted in ``metrics`` when the last one comes (TTFT from the first
+    chunk with text, end to end from the last)."""
+    first_text = None
+    async for chunk in job.items():
+        if first_text is None and chunk.text:
+            first_text = time.perf_counter() - arrived
+        if chunk.finish_reason is not None:
+            metrics.observe_answer(chunk, job.queue_seconds, first_text, time.perf_counter() - arrived)
+        yield chunk
+
+
+async def _stream(call: ChatCall, job, chunks) -> StreamingResponse | JSONResponse:
     """Stream the answer as server-sent events. The first chunk is awaited before the
     response begins, so that a refused request (a prompt over the context, say) still gets
     its 4xx status instead of an error inside a 200 stream."""
-    items = job.items().__aiter__()
+    items = chunks.__aiter__()
     try:
         first = await items.__anext__()
     except JobFailed as error:

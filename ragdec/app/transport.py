@@ -60,7 +60,8 @@ def host_allowed(host: str, server: tuple | None, allowed: frozenset[str]) -> bo
 class Gate:
     """Who may talk to the server, checked on a request's head before any route runs: the
     Host header must name this server (421), /v1 routes need the API key when there is
-    one (401, compared in constant time), a POST must be ``application/json`` (415).
+    one (401, compared in constant time; /metrics too, unless ``metrics_public``), a POST must
+    be ``application/json`` (415).
 
     Why: a page in the user's browser reaches a loopback server in two ways. DNS rebinding
     points a name the page controls at 127.0.0.1, and its requests carry that name as
@@ -68,9 +69,10 @@ class Gate:
     the server's CORS consent, which this server never gives).
     """
 
-    def __init__(self, app, api_key: str | None, allowed_hosts: Sequence[str]):
+    def __init__(self, app, api_key: str | None, allowed_hosts: Sequence[str], metrics_public: bool = False):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
+        self.metrics_public = metrics_public  # /metrics needs the key too, unless the operator opened it
         self.allowed_hosts = frozenset(host.lower() for host in allowed_hosts)
 
     async def __call__(self, scope, receive, send):
@@ -86,7 +88,8 @@ class Gate:
             return ApiError(421, f"this server does not answer to the name {host[:100]!r}: start it with --allowed-host NAME "
                             "to serve a name of your own", None, "misdirected_request", headers=CLOSE)
         path = scope["path"]
-        if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
+        guarded = path == "/v1" or path.startswith("/v1/") or (path == "/metrics" and not self.metrics_public)
+        if self.api_key is not None and guarded:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
                 message = ("the API key sent is not this server's" if token else
