@@ -88,7 +88,7 @@ def _bounds(generator, cost, row: dict, question: str) -> dict:
 
 def run_cag_near_bench(
     data: str | None, json_path: str | None, model: str = "qwen2.5-coder-0.5b-instruct", pairs: int = DEFAULT_PAIRS,
-    max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True, dtype: str = "float32", near_in_prompt: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True, dtype: str = "float32", near_in_prompt: bool | None = None,
 ) -> dict:
     from tqdm import tqdm
 
@@ -99,6 +99,9 @@ def run_cag_near_bench(
 
     from .harness import write_json
     from .machine import machine_info
+
+    if near_in_prompt is None:  # as the pipeline answers by default
+        near_in_prompt = RagSettings.near_in_prompt
 
     configure_threads()
     records = [r for r in read_jsonl(data_dir(data) / "cache" / "qqp_pairs.jsonl") if int(r.get("duplicate", 0)) == 1][:pairs]

@@ -11,6 +11,8 @@ command to the main parser (``ragdec.app.cli``).
 
 from __future__ import annotations
 
+import argparse
+
 from .cli_common import DEFAULT_MODEL, add_dtype_argument, add_method_knobs, given, method_knobs, write_json
 
 DECODING_METHODS = ("hf-greedy", "greedy", "hf-prompt-lookup")  # the decoding workloads' default --methods
@@ -32,7 +34,7 @@ def cmd_bench(args) -> int:
         from ragdec.bench.cag_near import run_cag_near_bench
 
         run_cag_near_bench(args.data, args.json, **given(model=args.model, pairs=args.limit, max_new_tokens=args.max_new_tokens,
-                                                         dtype=args.dtype, near_in_prompt=args.near_in_prompt or None))
+                                                         dtype=args.dtype, near_in_prompt=args.near_in_prompt))
         return 0
     if args.workload == "llamacpp-verify":
         from ragdec.bench.llamacpp_verify import run_llamacpp_verify_bench
@@ -142,8 +144,9 @@ def register(subparsers) -> None:
     bench.add_argument("--max-matching-ngram-size", type=int, help="hf-prompt-lookup's longest match (default 2)")
     add_method_knobs(bench)
     add_dtype_argument(bench)
-    bench.add_argument("--near-in-prompt", action="store_true", help="cag-near: the near-hit answers also go into the prompt "
-                       "as passages (default: the decoder's references only)")
+    bench.add_argument("--near-in-prompt", action=argparse.BooleanOptionalAction, default=None,
+                       help="cag-near: the near-hit answers also go into the prompt as passages, as the pipeline does by "
+                       "default (RagSettings.near_in_prompt); --no-near-in-prompt: the decoder's references only")
     bench.add_argument("--json", metavar="PATH", help="write the results as JSON")
     bench.add_argument("-k", type=int, help="qa: passages retrieved per question (default 5)")
     bench.add_argument("--turns", type=int, help="chat-pipeline: questions asked per CoQA story (default 5)")

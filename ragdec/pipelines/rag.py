@@ -55,9 +55,11 @@ class RagSettings:
     cache_answers: bool = True  # write generated answers to the QA cache
     reuse_prefix: bool = True  # keep the KV of the system prompt and history across requests
     # near-hit answers also go into the prompt, as passages after the store's ("an earlier
-    # answer to a similar question"), so the model sees what it may copy; off: they are the
-    # decoder's references only, and a near hit is answered as a miss would be
-    near_in_prompt: bool = False
+    # answer to a similar question"), so the model sees what it may copy: near hits answer
+    # closer to the earlier answer and copy more of it (bench/results/cag_near_int4_in_prompt.json
+    # against cag_near_int4.json); off: they are the decoder's references only, and a near
+    # hit is answered from the passages as a miss would be
+    near_in_prompt: bool = True
 
 
 @dataclass(frozen=True)
