@@ -98,7 +98,6 @@ def unpack_int4(packed, scales_and_zeros, group: int = GROUP):
     rows (2j low, 2j + 1 high). B is the kernel's block for this CPU (64 with AVX-512, 32
     with AVX2), read off the packer itself (``_packing``). ``test_int4`` checks this
     against the kernel's own packing."""
-    import torch
 
     block, halves = _packing()
     n, k = packed.shape[0], packed.shape[1] * 2

@@ -34,9 +34,9 @@ import threading
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from ragdec.cache.errors import mask_url
+from ragdec.urls import mask_url, without_password
 
 from .persistence import FORMAT, Manifest, Settings, StoreError, rebuild_hint
 from .store import Passage, query_words
@@ -73,21 +73,6 @@ def import_psycopg():
         raise StoreError("psycopg is not installed, and this store keeps its passages in PostgreSQL: "
                          "pip install 'ragdec[postgres]' (or pip install 'psycopg[binary]==3.3.9')") from None
     return psycopg
-
-
-def without_password(url: str) -> str:
-    """``url`` with no password, in the user part or the query: what a manifest may keep.
-
-    Example: ``without_password("postgresql://app:s3cret@db/rag?password=x&sslmode=require")``
-    -> ``"postgresql://app@db/rag?sslmode=require"``.
-    """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, host = netloc.rsplit("@", 1)
-        netloc = f"{user.split(':', 1)[0]}@{host}"
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "password"], safe="/")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _password(url: str) -> str | None:
