@@ -310,14 +310,7 @@ def _add_retrieve_route(app: FastAPI, serving: _Serving) -> None:
         search_mode = body.get("mode", "dense")
         if search_mode not in SEARCH_MODES:
             raise ApiError(400, f"'mode' must be one of {', '.join(SEARCH_MODES)} (got {search_mode!r})", "mode")
-        job = _submit(worker, lambda: [retriever.search(query, k=k, mode=search_mode)])
-        try:
-            hits = [hits async for hits in job.items()][0]
-        except JobFailed as error:
-            raise ApiError(500, f"retrieval failed: {error}", None, None, "server_error") from error
-        except JobExpired as error:
-            worker.counts["expired"] += 1
-            raise _expired(error) from None
+        hits = await _run_once(worker, lambda: retriever.search(query, k=k, mode=search_mode), "retrieval")
         data = [{"object": "passage", "rank": h.rank, "id": h.id, "title": h.title, "text": h.text, "score": h.score,
                  "source": h.passage.source} for h in hits]
         return {"object": "list", "query": query, "mode": search_mode, "data": data}
@@ -336,15 +329,21 @@ def _add_embeddings_route(app: FastAPI, serving: _Serving) -> None:
                            "embedder it serves", None, "no_store")
         call = parse_embeddings(body, embedder.info.name)
         tokens = token_counts(embedder, call.texts, embedder.info.max_tokens)
-        job = _submit(worker, lambda: [embed(embedder, call)])
-        try:
-            vectors = [vectors async for vectors in job.items()][0]
-        except JobFailed as error:
-            raise ApiError(500, f"embedding failed: {error}", None, None, "server_error") from error
-        except JobExpired as error:
-            worker.counts["expired"] += 1
-            raise _expired(error) from None
+        vectors = await _run_once(worker, lambda: embed(embedder, call), "embedding")
         return embeddings_body(call, embedder.info.name, vectors, tokens)
+
+
+async def _run_once(worker: ModelWorker, work, what: str):
+    """``work()``'s one result, computed on the worker's queue like every piece of model
+    work (429 when it is full, 504 past the request timeout, 500 naming ``what`` failed)."""
+    job = _submit(worker, lambda: [work()])
+    try:
+        return [result async for result in job.items()][0]
+    except JobFailed as error:
+        raise ApiError(500, f"{what} failed: {error}", None, None, "server_error") from error
+    except JobExpired as error:
+        worker.counts["expired"] += 1
+        raise _expired(error) from None
 
 
 def _submit(worker: ModelWorker, work):
