@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
-from .persistence import Manifest, Settings, StoreError
+from .persistence import Manifest, Settings, StoreError, rebuild_hint
 from .store import DocumentStore, Passage
 
 Ranking = list[tuple[int, float]]  # (passage id, score), best first
@@ -82,6 +82,77 @@ class BackendWriter(Protocol):
 
 class StoreBackend(SearchBackend, BackendWriter, Protocol):
     """Both sides: what a backend module's ``open_reader`` and ``open_writer`` return."""
+
+
+def passage_vectors(passages: Sequence[Passage], vectors, dimension: int):
+    """``vectors`` as float32 [len(passages), dimension]: row i is passage i's, as ``add`` takes them.
+
+    Raises:
+        ValueError: they are not one ``dimension``-long vector a passage.
+    """
+    import numpy as np
+
+    vectors = np.asarray(vectors, dtype=np.float32).reshape(len(passages), -1)
+    if vectors.shape[1] != dimension:
+        raise ValueError(f"vectors must be [n, {dimension}], got {list(vectors.shape)}")
+    return vectors
+
+
+def check_read_back(target, item: str, stored: set[int], wanted: set[int], folder: Path, undone: str = "") -> None:
+    """Refuse a publish whose server read back other ids (``stored``) than the passages' (``wanted``).
+
+    ``item`` is what holds a passage there ("row", "point"); ``undone`` says first what the
+    refusal rolled back ("nothing was changed and ").
+
+    Raises:
+        StoreError: the counts and a few ids of each side, and how to rebuild the store.
+    """
+    if stored == wanted:
+        return
+    missing, extra = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
+    raise StoreError(
+        f"{target} read back {len(stored)} {item}s for {len(wanted)} passages (passages without a {item}: "
+        f"{missing}, {item}s without a passage: {extra}); {undone}the manifest of {folder} was not updated: "
+        f"{rebuild_hint(folder)}"
+    )
+
+
+class ServerTarget:
+    """Where a server backend keeps a store: the server's URL and the store's place there.
+
+    A subclass is a frozen dataclass of two fields, ``url`` and the place (a Qdrant
+    collection, a PostgreSQL table: the field ``place`` names), that says how a folder's name
+    becomes a place's name (``place_for``) and the target in words (``__str__``).
+    """
+
+    backend: ClassVar[str]  # the name of the manifest's ``backend`` record: "qdrant", "pgvector"
+    place: ClassVar[str]  # the field, and the record's key, that holds the place: "collection", "table"
+
+    @classmethod
+    def for_store(cls, url: str, folder: str | Path, name: str | None = None):
+        """The target of ``--<backend> URL [--<place> NAME]`` for a store folder: the place
+        ``name``, or by default one made of the folder's name (``place_for``)."""
+        if name is None:
+            name = cls.place_for(Path(folder).expanduser().resolve().name)
+        return cls(url, name)
+
+    @staticmethod
+    def place_for(folder_name: str) -> str:
+        """The place's default name for a store folder named ``folder_name``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_record(cls, record: dict):
+        return cls(record["url"], record[cls.place])
+
+    @property
+    def public_url(self) -> str:
+        """The URL as the manifest keeps it (``url`` where it holds no secret)."""
+        return self.url
+
+    def record(self) -> dict:
+        """The manifest's ``backend`` record (a writer may add its own keys)."""
+        return {"name": self.backend, "url": self.public_url, self.place: getattr(self, self.place)}
 
 
 def backend_module(record: dict):

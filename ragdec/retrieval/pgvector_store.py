@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ragdec.urls import mask_url, without_password
 
+from .backends import ServerTarget, check_read_back, passage_vectors
 from .persistence import FORMAT, Manifest, Settings, StoreError, rebuild_hint
 from .store import Passage, query_words
 
@@ -83,11 +84,13 @@ def _password(url: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class PgvectorTarget:
+class PgvectorTarget(ServerTarget):
     """Where a store's table lives."""
 
     url: str  # the URL as given (it may hold a password: shown only through mask_url)
     table: str  # the table readers search; from the store folder's name by default
+    backend: ClassVar[str] = "pgvector"
+    place: ClassVar[str] = "table"
 
     def __post_init__(self) -> None:
         if not _URL.match(self.url):
@@ -102,27 +105,15 @@ class PgvectorTarget:
 
     @property
     def public_url(self) -> str:
+        """The URL as the manifest keeps it: no password, ever."""
         return without_password(self.url)
 
-    @classmethod
-    def for_store(cls, url: str, folder: str | Path, table: str | None = None) -> "PgvectorTarget":
-        """The target of ``--pgvector URL [--table NAME]`` for a store folder.
-
-        Example: ``PgvectorTarget.for_store(url, "~/My docs.store")`` -> table ``"my_docs_store"``;
-        a folder named ``2024`` gives ``"s_2024"``.
-        """
-        if table is None:
-            table = re.sub(r"\W", "_", Path(folder).expanduser().resolve().name.lower(), flags=re.ASCII) or "ragdec"
-            table = ("s_" + table if table[0].isdigit() else table)[:MAX_TABLE]
-        return cls(url, table)
-
-    @classmethod
-    def from_record(cls, record: dict) -> "PgvectorTarget":
-        return cls(record["url"], record["table"])
-
-    def record(self) -> dict:
-        """The manifest's ``backend`` record: no password, ever."""
-        return {"name": "pgvector", "url": self.public_url, "table": self.table}
+    @staticmethod
+    def place_for(folder_name: str) -> str:
+        """Example: ``PgvectorTarget.for_store(url, "~/My docs.store")`` -> table ``"my_docs_store"``;
+        a folder named ``2024`` gives ``"s_2024"``."""
+        table = re.sub(r"\W", "_", folder_name.lower(), flags=re.ASCII) or "ragdec"
+        return ("s_" + table if table[0].isdigit() else table)[:MAX_TABLE]
 
     def __str__(self) -> str:
         return f"PostgreSQL table {SCHEMA}.{self.table} at {mask_url(self.url)}"
@@ -290,14 +281,9 @@ class PgvectorBackend:
     # --- writing ------------------------------------------------------------------------
 
     def add(self, passages: Sequence[Passage], vectors) -> None:
-        import numpy as np
-
         if not passages:
             return
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(passages), -1)
-        if vectors.shape[1] != self.dimension:
-            raise ValueError(f"vectors must be [n, {self.dimension}], got {list(vectors.shape)}")
-        for passage, vector in zip(passages, vectors):
+        for passage, vector in zip(passages, passage_vectors(passages, vectors, self.dimension)):
             self._pending[passage.id] = (passage, vector)
 
     def remove(self, ids: Sequence[int]) -> None:
@@ -363,14 +349,7 @@ class PgvectorBackend:
 
     def _check(self, folder: Path, conn, name: str, wanted: set[int]) -> None:
         stored = {int(row[0]) for row in conn.execute(_sql("SELECT id FROM {}", name))}
-        if stored == wanted:
-            return
-        missing, extra = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
-        raise StoreError(
-            f"{self.target} read back {len(stored)} rows for {len(wanted)} passages (passages without a row: "
-            f"{missing}, rows without a passage: {extra}); nothing was changed and the manifest of {folder} was not "
-            f"updated: {rebuild_hint(folder)}"
-        )
+        check_read_back(self.target, "row", stored, wanted, folder, undone="nothing was changed and ")
 
 
 def _sql(template: str, *names):

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
 
+from .backends import ServerTarget, check_read_back, passage_vectors
 from .persistence import FORMAT, Manifest, Settings, StoreError, rebuild_hint
 from .sparse import average_length, passage_terms, passage_vector, query_vector
 from .store import DocumentStore, Passage
@@ -89,11 +90,13 @@ def check_url(url: str) -> None:
 
 
 @dataclass(frozen=True)
-class QdrantTarget:
+class QdrantTarget(ServerTarget):
     """Where a store's collection lives."""
 
     url: str  # ":memory:", or the server's http(s) URL
     collection: str  # the alias readers search; the store folder's name by default
+    backend: ClassVar[str] = "qdrant"
+    place: ClassVar[str] = "collection"
 
     def __post_init__(self) -> None:
         check_url(self.url)
@@ -103,24 +106,11 @@ class QdrantTarget:
                 "use letters, digits, '.', '_' and '-' (200 characters at most)"
             )
 
-    @classmethod
-    def for_store(cls, url: str, folder: str | Path, collection: str | None = None) -> "QdrantTarget":
-        """The target of ``--qdrant URL [--collection NAME]`` for a store folder.
-
-        Example: ``QdrantTarget.for_store("http://q:6333", "~/my docs.store")`` ->
-        collection ``"my_docs.store"``.
-        """
-        if collection is None:
-            collection = re.sub(r"[^\w.-]", "_", Path(folder).expanduser().resolve().name) or "ragdec"
-        return cls(url, collection)
-
-    @classmethod
-    def from_record(cls, record: dict) -> "QdrantTarget":
-        return cls(record["url"], record["collection"])
-
-    def record(self) -> dict:
-        """The manifest's ``backend`` record (the writer adds ``bm25_avgdl``)."""
-        return {"name": "qdrant", "url": self.url, "collection": self.collection}
+    @staticmethod
+    def place_for(folder_name: str) -> str:
+        """Example: ``QdrantTarget.for_store("http://q:6333", "~/my docs.store")`` ->
+        collection ``"my_docs.store"``."""
+        return re.sub(r"[^\w.-]", "_", folder_name) or "ragdec"
 
     def __str__(self) -> str:
         return f"Qdrant collection {self.collection!r} at {self.url}"
@@ -248,13 +238,9 @@ class QdrantBackend:
     # --- writing ------------------------------------------------------------------------
 
     def add(self, passages: Sequence[Passage], vectors) -> None:
-        import numpy as np
-
         if not passages:
             return
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(passages), -1)
-        if vectors.shape[1] != self.dimension:
-            raise ValueError(f"vectors must be [n, {self.dimension}], got {list(vectors.shape)}")
+        vectors = passage_vectors(passages, vectors, self.dimension)
         terms = passage_terms([p.title for p in passages], [p.text for p in passages])
         for passage, vector, counts in zip(passages, vectors, terms):
             self._pending[passage.id] = (passage, vector, counts)
@@ -333,15 +319,7 @@ class QdrantBackend:
                 return ids
 
     def _check(self, folder: Path, collection: str, wanted: set[int]) -> None:
-        stored = self._point_ids(collection)
-        if stored == wanted:
-            return
-        missing, extra = sorted(wanted - stored)[:5], sorted(stored - wanted)[:5]
-        raise StoreError(
-            f"{self.target} read back {len(stored)} points for {len(wanted)} passages (passages without a "
-            f"point: {missing}, points without a passage: {extra}); the manifest of {folder} was not updated: "
-            f"{rebuild_hint(folder)}"
-        )
+        check_read_back(self.target, "point", self._point_ids(collection), wanted, folder)
 
     def _move_alias(self, collection: str) -> None:
         """Point the store's alias at ``collection`` in one step; delete the collections it
