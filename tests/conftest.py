@@ -22,6 +22,8 @@ import torch  # noqa: E402
 
 from ragdec.decoding.generator import Generator, configure_threads  # noqa: E402
 
+from helpers import database_for_test, serving  # noqa: E402
+
 configure_threads()
 
 TRAINING_TEXT = [
@@ -158,25 +160,15 @@ def e5(weights):
 def postgres():
     """A PostgreSQL server of the session's own (tests/postgres_server.py); its tests skip
     only where the server's binaries are missing, which `make test` installs."""
-    from postgres_server import MissingBinaries, PostgresServer
+    from postgres_server import PostgresServer
 
-    try:
-        server = PostgresServer.start()
-    except MissingBinaries as error:
-        pytest.skip(str(error))
-    yield server
-    server.stop()
+    yield from serving(PostgresServer.start)
 
 
 @pytest.fixture
 def postgres_url(postgres, request) -> str:
-    """A new empty database on the session's server (tens of milliseconds), dropped after."""
-    import hashlib
-
-    name = "t_" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
-    url = postgres.create_database(name)
-    yield url
-    postgres.drop_database(name)
+    """A new empty database on the session's server, dropped after."""
+    yield from database_for_test(postgres, request, "t_")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -9,7 +9,6 @@ line naming the URL (password masked) and what to do."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import psycopg
@@ -24,6 +23,8 @@ from ragdec.retrieval.pgvector_store import PgvectorTarget, without_password
 from ragdec.retrieval.retriever import Retriever
 from ragdec.retrieval.store import Passage, content_hash
 
+from helpers import (cli_finds_the_gold_and_builds_nothing_again, database_for_test, replica_searches_as_the_store,
+                     saves_and_deletes_reach_a_reader, serving)
 from retrieval_fixtures import QA_DATA, sample_records, write_jsonl
 from test_qdrant import QUESTIONS, manifest_for
 
@@ -33,25 +34,14 @@ def pgvector():
     """A PostgreSQL server with pgvector for this module; skipped only where the wheel that
     ships it is missing, which `make test` installs."""
     from pgvector_server import start
-    from postgres_server import MissingBinaries
 
-    try:
-        server = start()
-    except MissingBinaries as error:
-        pytest.skip(str(error))
-    yield server
-    server.stop()
+    yield from serving(start)
 
 
 @pytest.fixture
 def pg_url(pgvector, request) -> str:
     """A new empty database (the superuser's: it may create the extension), dropped after."""
-    import hashlib
-
-    name = "v_" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
-    url = pgvector.create_database(name)
-    yield url
-    pgvector.drop_database(name)
+    yield from database_for_test(pgvector, request, "v_")
 
 
 def _tables(url: str, schema: str = "ragdec_passages") -> list[str]:
@@ -285,13 +275,7 @@ def test_the_manifest_records_the_backend_and_only_it_is_needed_to_search(twin_s
     assert manifest.format == 2 and manifest.passages == 41 and manifest.index["kind"] == "hnsw"
     assert manifest.backend == {"name": "pgvector", "url": manifest.backend["url"], "table": "pgvector"}
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "documents.1.sqlite", "manifest.json"]
-    replica = tmp_path / "replica"  # another machine: the manifest alone
-    replica.mkdir()
-    shutil.copy(folder / "manifest.json", replica / "manifest.json")
-    question = QUESTIONS[0]["question"]
-    with Retriever.open(folder, minilm) as original, Retriever.open(replica, minilm) as copy:
-        assert copy.documents is None
-        assert [h.id for h in copy.search(question, k=5, mode="hybrid")] == [h.id for h in original.search(question, k=5, mode="hybrid")]
+    replica_searches_as_the_store(folder, minilm, tmp_path, QUESTIONS[0]["question"])
     with pytest.raises(StoreError, match=r"keeps its passages in the FAISS index.*--rebuild --pgvector postgresql://"):
         Retriever.open_for_writing(twin_stores[0], minilm, qdrant=PgvectorTarget(manifest.backend["url"], "elsewhere"))
 
@@ -299,20 +283,7 @@ def test_the_manifest_records_the_backend_and_only_it_is_needed_to_search(twin_s
 def test_saves_deletes_and_rebuilds_reach_the_table(tmp_path, minilm, pg_url):
     folder = tmp_path / "notes"
     target = PgvectorTarget(pg_url, "notes")
-    records = sample_records(1)  # the 7 articles' first paragraphs
-    docs = write_jsonl(tmp_path / "docs.jsonl", records)
-    assert build([docs], folder, embedder=minilm, progress=False, qdrant=target).passages_added == 7
-    reader = Retriever.open(folder, minilm)
-    with Retriever.open_for_writing(folder, minilm) as writer:
-        harbour = "The harbour master logs every ship that enters after dark."
-        ids = writer.add_texts([harbour], source="harbour")
-        assert writer.add_texts([harbour], source="harbour") == ids  # stored once
-        assert len(writer) == 8 and len(reader) == 7  # nothing is published before save
-        writer.save()
-        assert reader.search("who logs ships at night?", k=1, mode="hybrid")[0].passage.source == "harbour"
-        assert writer.remove_source("harbour") == 1
-        writer.save()
-    assert len(reader) == 7 and all(h.passage.source != "harbour" for h in reader.search("harbour ship", k=7, mode="bm25"))
+    reader, records, docs = saves_and_deletes_reach_a_reader(folder, target, minilm, tmp_path)
 
     # a rebuild swaps a new table in: an open reader sees the new corpus, one table is left
     write_jsonl(docs, records[:3])
@@ -340,13 +311,7 @@ def test_cli_builds_and_searches_with_a_password_kept_out_of_the_manifest(tmp_pa
         assert json.loads((tmp_path / "build.json").read_text())["passages_added"] == 41
         monkeypatch.setenv("PGPASSWORD", PASSWORD)  # as another process would: libpq's own way
         monkeypatch.setattr(pgvector_store, "_passwords", {})
-        for question in QUESTIONS[:4]:
-            assert main(["index", "search", question["question"], "--store", str(folder), "--mode", "hybrid",
-                         "--json", str(tmp_path / "hits.json")]) == 0
-            hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
-            assert question["passage_id"] in [h["record"] for h in hits], question
-        assert main(args) == 0  # again: nothing changed, nothing written
-        assert read_manifest(folder).generation == 1
+        cli_finds_the_gold_and_builds_nothing_again(folder, tmp_path, QUESTIONS[:4], args)
     finally:
         pgvector.drop_database("v_cli")
 

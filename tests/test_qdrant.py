@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
@@ -24,6 +23,8 @@ from ragdec.retrieval.retriever import Retriever
 from ragdec.retrieval.sparse import B, K1, TOKENIZER, passage_vector, query_vector, term_id
 from ragdec.retrieval.store import Passage, content_hash
 
+from helpers import (cli_finds_the_gold_and_builds_nothing_again, replica_searches_as_the_store,
+                     saves_and_deletes_reach_a_reader)
 from retrieval_fixtures import QA_DATA, memory_target, sample_records, write_jsonl
 
 QUESTIONS = [json.loads(line) for line in (QA_DATA / "squad_questions.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -199,13 +200,7 @@ def test_the_manifest_records_the_backend_and_only_it_is_needed_to_search(twin_s
     assert sorted(p.name for p in folder.iterdir()) == [".lock", "documents.1.sqlite", "manifest.json"]
     assert read_manifest(twin_stores[0]).format == 1 and read_manifest(twin_stores[0]).backend == {"name": "faiss"}
 
-    replica = tmp_path / "replica"  # another machine: the manifest alone
-    replica.mkdir()
-    shutil.copy(folder / "manifest.json", replica / "manifest.json")
-    question = QUESTIONS[0]["question"]
-    with Retriever.open(folder, minilm) as original, Retriever.open(replica, minilm) as copy:
-        assert copy.documents is None
-        assert [h.id for h in copy.search(question, k=5, mode="hybrid")] == [h.id for h in original.search(question, k=5, mode="hybrid")]
+    replica = replica_searches_as_the_store(folder, minilm, tmp_path, QUESTIONS[0]["question"])
     with pytest.raises(StoreError, match="documents.1.sqlite is missing .*can be searched, not added to"):
         Retriever.open_for_writing(replica, minilm)
 
@@ -222,20 +217,7 @@ def test_moving_a_store_or_taking_a_collection_needs_rebuild(twin_stores, minilm
 def test_saves_deletes_and_rebuilds_reach_the_collection(tmp_path, minilm):
     folder = tmp_path / "notes"
     target = memory_target(folder)
-    records = sample_records(1)  # the 7 articles' first paragraphs
-    docs = write_jsonl(tmp_path / "docs.jsonl", records)
-    assert build([docs], folder, embedder=minilm, progress=False, qdrant=target).passages_added == 7
-    reader = Retriever.open(folder, minilm)
-    with Retriever.open_for_writing(folder, minilm) as writer:
-        harbour = "The harbour master logs every ship that enters after dark."
-        ids = writer.add_texts([harbour], source="harbour")
-        assert writer.add_texts([harbour], source="harbour") == ids  # stored once
-        assert len(writer) == 8 and len(reader) == 7  # nothing is published before save
-        writer.save()
-        assert reader.search("who logs ships at night?", k=1, mode="hybrid")[0].passage.source == "harbour"
-        assert writer.remove_source("harbour") == 1
-        writer.save()
-    assert len(reader) == 7 and all(h.passage.source != "harbour" for h in reader.search("harbour ship", k=7, mode="bm25"))
+    reader, records, docs = saves_and_deletes_reach_a_reader(folder, target, minilm, tmp_path)
 
     client = reader.backend.client
     before = [c.name for c in client.get_collections().collections if c.name.startswith(target.collection)]
@@ -259,13 +241,7 @@ def test_cli_builds_on_memory_and_searches_in_process(tmp_path, weights, capsys)
     assert f"Qdrant collection '{folder.name}' at :memory:" in capsys.readouterr().out
     report = json.loads((tmp_path / "build.json").read_text())
     assert report["passages_added"] == 41 and report["manifest"]["backend"]["collection"] == folder.name
-    for question in QUESTIONS[:4]:
-        assert main(["index", "search", question["question"], "--store", str(folder), "--mode", "hybrid",
-                     "--json", str(tmp_path / "hits.json")]) == 0
-        hits = json.loads((tmp_path / "hits.json").read_text())["hits"]
-        assert question["passage_id"] in [h["record"] for h in hits], question
-    assert main(args) == 0  # again: nothing changed, nothing written
-    assert read_manifest(folder).generation == 1
+    cli_finds_the_gold_and_builds_nothing_again(folder, tmp_path, QUESTIONS[:4], args)
 
 
 def test_bench_measures_qdrant_beside_faiss(twin_stores, minilm, tmp_path):
