@@ -16,11 +16,11 @@ import re
 import select
 import socket
 import sqlite3
-import threading
 import time
 
 import pytest
 from app_fixtures import STORE_QUESTION, pipeline, store  # noqa: F401 - fixtures
+from helpers import address, head, health_answers
 from test_app_server import MODEL, ask
 
 from ragdec.decoding.methods import GenerationParams
@@ -116,11 +116,6 @@ def test_serve_flags_reach_the_app_and_uvicorn(monkeypatch):
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def address(server) -> tuple[str, int]:
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    return host, int(port)
-
-
 def call(server, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 120) -> tuple[int, object]:
     """One request; its status (recorded in STATUSES) and its JSON (or text) body. A dict
     body goes as JSON (``json.dumps`` escapes lone surrogates, as a client would)."""
@@ -169,39 +164,6 @@ def read_answer(sock: socket.socket, timeout: float) -> tuple[int | None, bytes,
     if status is not None:
         STATUSES.append(status)
     return status, data, closed
-
-
-def head(server, method: str, path: str, **headers) -> bytes:
-    host, port = address(server)
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-@contextlib.contextmanager
-def health_answers(server):
-    """/health polled from a thread while the block runs; every answer must be a 200
-    within 1 s."""
-    polled: list[tuple[int, float]] = []
-    stop = threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                status, _ = call(server, "GET", "/health", timeout=10)
-            except OSError:  # no answer at all: as bad as a slow one
-                status = 0
-            polled.append((status, time.perf_counter() - started))
-            stop.wait(0.1)
-
-    thread = threading.Thread(target=poll, name="health-poll", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(15)
-    assert polled and all(status == 200 and seconds < 1.0 for status, seconds in polled), polled
 
 
 def trickle(sockets: list[socket.socket], byte: bytes, seconds: float) -> dict[int, tuple[int | None, float]]:

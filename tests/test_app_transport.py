@@ -5,18 +5,17 @@ is answered in full, and a connection past the bound gets a 503 it can act on.""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import resource
 import socket
-import threading
 import time
 
 import httpx
 import pytest
 from conftest import tiny_causal_lm
+from helpers import address, head, health_answers
 
 from ragdec.decoding.generator import Generator
 from ragdec.pipelines.rag import RagPipeline
@@ -44,17 +43,6 @@ def server(pipeline):
         yield running
 
 
-def address(server) -> tuple[str, int]:
-    host, port = server.url.removeprefix("http://").rsplit(":", 1)
-    return host, int(port)
-
-
-def head(server, method: str, path: str, **headers) -> bytes:
-    host, port = address(server)
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", *(f"{k.replace('_', '-')}: {v}" for k, v in headers.items())]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 def read_to_close(sock: socket.socket, timeout: float) -> bytes:
     """All the server sends on ``sock`` until it closes it; a reset or ``timeout`` fails."""
     sock.settimeout(timeout)
@@ -76,33 +64,6 @@ def assert_too_large(status: int, body: bytes) -> None:
     assert status == 413, body
     error = json.loads(body)["error"]
     assert error["code"] == "body_too_large" and "--max-body-kb" in error["message"], error
-
-
-@contextlib.contextmanager
-def health_answers(server, within: float = 1.0):
-    """/health polled from a thread while the block runs; every answer must be a 200
-    within ``within`` seconds."""
-    polled: list[tuple[int, float]] = []
-    stop = threading.Event()
-
-    def poll():
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                status = httpx.get(server.url + "/health", timeout=10).status_code
-            except httpx.HTTPError:  # no answer at all: as bad as a slow one
-                status = 0
-            polled.append((status, time.perf_counter() - started))
-            stop.wait(0.05)
-
-    thread = threading.Thread(target=poll, name="health-poll", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(15)
-    assert polled and all(status == 200 and seconds < within for status, seconds in polled), polled
 
 
 # ---- a refused body: the client reads the refusal ---------------------------------------------
@@ -141,7 +102,7 @@ def test_a_client_that_sends_its_whole_oversized_body_reads_the_413(server):
 def test_health_stays_quick_while_a_refused_upload_drains(server):
     from ragdec.app.transport import LINGER_SECONDS
 
-    with health_answers(server), socket.create_connection(address(server), timeout=10) as sock:
+    with health_answers(server, every=0.05), socket.create_connection(address(server), timeout=10) as sock:
         total = 64 * 1024 * 1024  # announced; sent slowly, so that it is still draining while /health is asked
         sock.sendall(head(server, "POST", "/v1/chat/completions", Content_Type="application/json", Content_Length=str(total)))
         started, sent, cut = time.perf_counter(), 0, False
