@@ -46,6 +46,11 @@ def cmd_bench(args) -> int:
 
         run_connection_cost_bench(args.json)
         return 0
+    if args.workload == "first-answer":
+        from ragdec.bench.first_answer import run_first_answer_bench
+
+        run_first_answer_bench(args.json, args.model, **given(rounds=args.limit))
+        return 0
     if args.workload == "pid":
         from ragdec.bench.pid import run_pid_bench
 
@@ -121,7 +126,9 @@ def register(subparsers) -> None:
         "or prefill-chunk (what a chunked prefill costs against a decode step); or llamacpp-verify (what a verify "
         "forward of k tokens costs on llama.cpp and whether its rows equal one-at-a-time decoding); or cag-near (duplicate "
         "questions: the QA cache's near hits as llma's references, greedy vs llma; --limit: pairs, default 40); or "
-        "connection-cost (what one open connection costs `ragdec serve` in memory)"
+        "connection-cost (what one open connection costs `ragdec serve` in memory); or first-answer (how long `make demo`'s "
+        "first question waits for its first text on a fresh machine, with and without `models prepare` timing the "
+        "draft costs; --limit: rounds, default 2)"
     )
     bench.add_argument("--model", help=f"the answer model (default {DEFAULT_MODEL}; server-load without --load: smollm2-135m-instruct)")
     bench.add_argument(

@@ -131,6 +131,18 @@ def _dequantize(codes, scales_and_zeros, group: int):
 
 
 @lru_cache(maxsize=1)
+def _prompt_product_dtype():
+    """What oneDNN's int8 product writes before it is rounded to bfloat16: bfloat16 itself
+    where torch runs AVX-512 kernels, float32 elsewhere. On an AVX2 CPU oneDNN has no
+    JIT kernel for a u8 x s8 product into bfloat16 and falls back to its reference loop
+    (``ONEDNN_VERBOSE=1`` names it ``ref_int8``), orders of magnitude slower than the
+    float32 product it does have, which is then rounded to bfloat16 here."""
+    import torch
+
+    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else torch.float32
+
+
+@lru_cache(maxsize=1)
 def _packing() -> tuple[int, bool]:
     """(rows a block, whether a byte pairs row j with row block / 2 + j) of torch's int4
     packing on this CPU: the kernel torch picked for the CPU's instruction sets decides it,
@@ -295,9 +307,11 @@ def _int4_linear_class():
         def prompt_product(self, codes):
             """The int8 product of a prompt's 8-bit activations [rows, K], before their
             steps are applied: [rows, N] bfloat16, no bias."""
-            return torch.ops.onednn.qlinear_pointwise(
+            out_dtype = _prompt_product_dtype()
+            product = torch.ops.onednn.qlinear_pointwise(
                 codes, 1.0, 128, self.prompt_weight, self.prompt_scales, self.prompt_zeros,
-                None, 1.0, 0, torch.bfloat16, "none", [], "")
+                None, 1.0, 0, out_dtype, "none", [], "")
+            return product if out_dtype is torch.bfloat16 else product.bfloat16()
 
         def forward(self, x):
             if reads_prompt(x):
