@@ -131,15 +131,17 @@ def _dequantize(codes, scales_and_zeros, group: int):
 
 
 @lru_cache(maxsize=1)
-def _prompt_product_dtype():
-    """What oneDNN's int8 product writes before it is rounded to bfloat16: bfloat16 itself
-    where torch runs AVX-512 kernels, float32 elsewhere. On an AVX2 CPU oneDNN has no
-    JIT kernel for a u8 x s8 product into bfloat16 and falls back to its reference loop
-    (``ONEDNN_VERBOSE=1`` names it ``ref_int8``), orders of magnitude slower than the
-    float32 product it does have, which is then rounded to bfloat16 here."""
+def eight_bit_prompts() -> bool:
+    """Whether prompts are read in 8 bits on this CPU: where torch runs AVX-512 kernels.
+    Elsewhere (AVX2) oneDNN's u8 x s8 product has no kernel worth using: into bfloat16 it
+    runs its reference loop (``ONEDNN_VERBOSE=1`` names it ``ref_int8``), hundreds of
+    times slower; into float32 its JIT kernel sums pairs of products in 16 bits, which
+    saturate and cost accuracy (``test_int4``'s bound on the error fails); and the 4-bit
+    step kernel reads a prompt about as fast. So there a prompt is read like a step, on
+    the 4-bit kernel: the same numbers whatever the number of positions."""
     import torch
 
-    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else torch.float32
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @lru_cache(maxsize=1)
@@ -307,11 +309,9 @@ def _int4_linear_class():
         def prompt_product(self, codes):
             """The int8 product of a prompt's 8-bit activations [rows, K], before their
             steps are applied: [rows, N] bfloat16, no bias."""
-            out_dtype = _prompt_product_dtype()
-            product = torch.ops.onednn.qlinear_pointwise(
+            return torch.ops.onednn.qlinear_pointwise(
                 codes, 1.0, 128, self.prompt_weight, self.prompt_scales, self.prompt_zeros,
-                None, 1.0, 0, out_dtype, "none", [], "")
-            return product if out_dtype is torch.bfloat16 else product.bfloat16()
+                None, 1.0, 0, torch.bfloat16, "none", [], "")
 
         def forward(self, x):
             if reads_prompt(x):
@@ -351,8 +351,9 @@ def _int4_linear_class():
 
 def reads_prompt(x) -> bool:
     """Whether a forward over ``x`` [..., positions, features] reads a prompt (more than
-    ``MAX_INVARIANT_QUERIES`` positions a row) rather than a decode step or a verify."""
-    return x.dim() >= 2 and x.shape[-2] > MAX_INVARIANT_QUERIES
+    ``MAX_INVARIANT_QUERIES`` positions a row) rather than a decode step or a verify, on
+    a CPU that reads prompts in 8 bits (``eight_bit_prompts``)."""
+    return x.dim() >= 2 and x.shape[-2] > MAX_INVARIANT_QUERIES and eight_bit_prompts()
 
 
 def _gated_mlps(model):
